@@ -1,0 +1,186 @@
+"""Open a MiniCPM checkpoint (local folder, Hugging Face repo id, or ``demo``) and stream its tensors.
+
+Opening reads config.json and every weight file's header or index, and checks that the tensor names
+and shapes are exactly what the config implies; no tensor data is read until it is streamed, one tensor
+at a time, so peak memory stays near the largest tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from cpmkit.errors import CpmkitError
+from cpmkit.formats import safetensors as st
+from cpmkit.formats.torch_bin import load_state_dict
+from cpmkit.spec import DROPPED_TENSOR_SUFFIXES, ModelSpec, read_spec
+
+DEMO_NAME = "demo"
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# What a download fetches: config, weights in either format, tokenizer and template files.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "tokenizer.model", "*.jinja", "*.txt", "README.md"]
+
+
+def demo_path() -> Path:
+    return Path(__file__).parent / "demo" / "model"
+
+
+def resolve_source(source: str | Path) -> Path:
+    """A local folder, ``demo``, or a Hugging Face repo id (downloaded when a network exists)."""
+    path = Path(source)
+    if path.exists():
+        return path
+    if str(source) == DEMO_NAME:
+        return demo_path()
+    if _REPO_ID.fullmatch(str(source)):
+        return _download(str(source))
+    raise CpmkitError(f"{source}: no such file or directory")
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CpmkitError(f"{repo_id}: not a local path; downloading a Hugging Face repo needs "
+                          "`pip install cpmkit[hub]`") from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # the hub client raises many types (offline, 404, auth); all mean "not fetched"
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CpmkitError(f"{repo_id}: not a local path and the download failed: {first}") from None
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """Where one tensor lives: a file and, for safetensors, its header entry."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    entry: st.TensorEntry | None  # None for .bin files
+
+
+class Checkpoint:
+    """A validated checkpoint folder. ``tensors`` maps every used tensor name to its location; names
+    the model does not use (rotary caches, a tied model's redundant lm_head) are listed in ``dropped``."""
+
+    def __init__(self, root: Path, *, allow_nonfinite: bool = False):
+        self.root = root
+        self.allow_nonfinite = allow_nonfinite
+        if not root.is_dir():
+            raise CpmkitError(f"{root}: not a checkpoint folder (expected a directory with config.json)")
+        self.config = _read_json(root / "config.json")
+        self.spec: ModelSpec = read_spec(self.config, str(root / "config.json"))
+        found = _index_weights(root)
+        self.tensors, self.dropped = _check_against_spec(found, self.spec, root)
+
+    @classmethod
+    def open(cls, source: str | Path, *, allow_nonfinite: bool = False) -> "Checkpoint":
+        return cls(resolve_source(source), allow_nonfinite=allow_nonfinite)
+
+    @cached_property
+    def weight_files(self) -> list[Path]:
+        return sorted({ref.file for ref in self.tensors.values()})
+
+    def read(self, name: str) -> torch.Tensor:
+        return next(self.stream([name]))[1]
+
+    def stream(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) one at a time in the order asked (default: embedding, layers, norm, head).
+        Only one tensor is resident at once; a .bin shard stays memory-mapped while its tensors stream."""
+        open_bin: tuple[Path, dict[str, torch.Tensor]] | None = None
+        for name in self.tensors if names is None else names:
+            ref = self.tensors[name]
+            if ref.entry is not None:
+                tensor = st.read_tensor(ref.file, ref.entry)
+            else:
+                if open_bin is None or open_bin[0] != ref.file:
+                    open_bin = (ref.file, load_state_dict(ref.file))
+                tensor = open_bin[1][name]
+            yield name, self._checked(name, ref.file, tensor)
+
+    def _checked(self, name: str, file: Path, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.allow_nonfinite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CpmkitError(f"{file}: tensor {name} holds {bad} NaN/Inf values; refusing to go on "
+                              "(--allow-nonfinite to continue anyway)")
+        return tensor
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CpmkitError(f"{path}: not found; a checkpoint folder needs config.json")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CpmkitError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CpmkitError(f"{path}: expected a JSON object")
+    return data
+
+
+def _index_weights(root: Path) -> dict[str, WeightRef]:
+    """Find the weight files (sharded or single, safetensors preferred over .bin) and index every tensor."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_path = root / index_name
+        if index_path.is_file():
+            weight_map = _read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CpmkitError(f"{index_path}: no 'weight_map' object")
+            files = sorted(set(weight_map.values()))
+            for name in files:
+                if not (root / name).is_file():
+                    raise CpmkitError(f"{index_path}: names shard {name}, which is missing")
+            found = _index_files([root / f for f in files])
+            for name, file in weight_map.items():
+                if name not in found or found[name].file.name != file:
+                    raise CpmkitError(f"{index_path}: maps {name} to {file}, but that shard does not hold it")
+            return found
+    files = sorted(root.glob("model*.safetensors")) or sorted(root.glob("pytorch_model*.bin"))
+    if not files:
+        raise CpmkitError(f"{root}: no weights found (model.safetensors, model-*-of-*.safetensors with an index, "
+                          "or pytorch_model*.bin)")
+    return _index_files(files)
+
+
+def _index_files(files: list[Path]) -> dict[str, WeightRef]:
+    found: dict[str, WeightRef] = {}
+    for file in files:
+        if file.suffix == ".bin":
+            refs = {n: WeightRef(file, tuple(t.shape), t.dtype, None) for n, t in load_state_dict(file).items()}
+        else:
+            entries, _ = st.read_header(file)
+            refs = {n: WeightRef(file, e.shape, e.dtype, e) for n, e in entries.items()}
+        for name, ref in refs.items():
+            if name in found:
+                raise CpmkitError(f"{file}: tensor {name} is also in {found[name].file.name}")
+            found[name] = ref
+    return found
+
+
+def _check_against_spec(found: dict[str, WeightRef], spec: ModelSpec,
+                        root: Path) -> tuple[dict[str, WeightRef], list[str]]:
+    expected = spec.tensor_shapes()
+    used, dropped = {}, []
+    for name, ref in found.items():
+        if name in expected:
+            if ref.shape != expected[name]:
+                raise CpmkitError(f"{ref.file}: tensor {name} has shape {list(ref.shape)} but config.json "
+                                  f"implies {list(expected[name])}")
+            used[name] = ref
+        elif name.endswith(DROPPED_TENSOR_SUFFIXES) or (name == "lm_head.weight" and spec.tie_word_embeddings):
+            dropped.append(name)
+        else:
+            raise CpmkitError(f"{ref.file}: unexpected tensor {name} for {spec.architecture} "
+                              f"({spec.family.value}); the checkpoint does not match config.json")
+    missing = [n for n in expected if n not in used]
+    if missing:
+        raise CpmkitError(f"{root}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
+    # keep the config's order (embedding, layers, norm, head) for streaming and writing
+    return {n: used[n] for n in expected}, dropped

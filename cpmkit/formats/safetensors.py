@@ -1,0 +1,141 @@
+"""safetensors files: a validating header reader, a one-tensor reader and a streaming writer.
+
+Layout (huggingface/safetensors docs): u64 little-endian header length N, N bytes of JSON
+``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``, then the byte
+buffer; offsets are relative to the buffer. The reader checks every offset against the file size before
+any tensor is touched, so a truncated download fails with one line naming the file and tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from cpmkit.errors import CpmkitError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_HEADER_ALIGN = 8  # the reference writer pads the JSON with spaces to this boundary
+_MAX_HEADER = 100 << 20  # safetensors' own limit on the header size
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Parse and validate the header of ``path``; returns the tensor entries and ``__metadata__``."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CpmkitError(f"{path}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > _MAX_HEADER:
+            raise CpmkitError(f"{path}: header length {n} points past the end of the file ({size} bytes); "
+                              "the file is truncated or not safetensors")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CpmkitError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CpmkitError(f"{path}: safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    base = 8 + n
+    entries = {}
+    for name, info in header.items():
+        entries[name] = _entry(path, name, info, base, size)
+    return entries, metadata
+
+
+def _entry(path: Path, name: str, info: object, base: int, size: int) -> TensorEntry:
+    try:
+        dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+    except (TypeError, KeyError, ValueError):
+        raise CpmkitError(f"{path}: tensor {name!r} has a malformed header entry") from None
+    if dtype_name not in DTYPES:
+        raise CpmkitError(f"{path}: tensor {name!r} has unknown dtype {dtype_name!r}")
+    dtype = DTYPES[dtype_name]
+    expected = math.prod(shape) * dtype.itemsize
+    if not (0 <= begin <= end) or end - begin != expected:
+        raise CpmkitError(f"{path}: tensor {name!r} spans {end - begin} bytes but dtype {dtype_name} and "
+                          f"shape {list(shape)} need {expected}")
+    if base + end > size:
+        raise CpmkitError(f"{path}: tensor {name!r} ends at byte {base + end} but the file has {size} bytes; "
+                          "the file is truncated")
+    return TensorEntry(name, dtype, shape, base + begin, base + end)
+
+
+def read_tensor(path: Path, entry: TensorEntry) -> torch.Tensor:
+    """Read one tensor into its own memory (nothing else of the file stays resident)."""
+    raw = torch.empty(entry.end - entry.begin, dtype=torch.uint8)
+    with open(path, "rb") as f:
+        f.seek(entry.begin)
+        if f.readinto(raw.numpy()) != raw.numel():
+            raise CpmkitError(f"{path}: tensor {entry.name!r} could not be read whole; the file changed or is "
+                              "truncated")
+    return raw.view(entry.dtype).reshape(entry.shape)
+
+
+class StreamingWriter:
+    """Writes a safetensors file one tensor at a time: the header is fixed up front from the declared
+    names, dtypes and shapes, then each tensor is written in that order and may be freed at once.
+    Writes to ``path`` directly; callers write into a temporary folder and rename it when complete."""
+
+    def __init__(self, path: Path, tensors: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = metadata
+        offset = 0
+        self._order: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+        for name, dtype, shape in tensors:
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            self._order.append((name, dtype, tuple(shape)))
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % _HEADER_ALIGN)
+        self._file: BinaryIO = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(blob)) + blob)
+        self._next = 0
+        self.path = path
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        want_name, dtype, shape = self._order[self._next]
+        if name != want_name or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"{self.path}: expected {want_name} {dtype} {list(shape)} next, "
+                             f"got {name} {tensor.dtype} {list(tensor.shape)}")
+        self._file.write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        self._next += 1
+
+    def close(self) -> None:
+        missing = [n for n, _, _ in self._order[self._next :]]
+        self._file.close()
+        if missing:
+            raise ValueError(f"{self.path}: closed before writing {missing[0]} ({len(missing)} missing)")
+
+    def __enter__(self) -> "StreamingWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._file.close()
