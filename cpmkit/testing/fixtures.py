@@ -110,6 +110,7 @@ def _minicpm4_05b() -> dict[str, Any]:
 
 
 def _minicpm3() -> dict[str, Any]:
+    # llama.cpp hard-codes scale_emb 12, scale_depth 1.4 and dim_model_base 256 for minicpm3: keep them
     factors = longrope_factors(16)
     return {"_name_or_path": "openbmb/MiniCPM3-4B", "architectures": ["MiniCPM3ForCausalLM"],
             "auto_map": {k: v.replace("MiniCPM", "MiniCPM3") for k, v in _AUTO_MAP.items()},
@@ -120,7 +121,7 @@ def _minicpm3() -> dict[str, Any]:
             "rope_scaling": {"type": "longrope", "long_factor": factors, "short_factor": factors,
                              "original_max_position_embeddings": 32768},
             "torch_dtype": "bfloat16", "transformers_version": "4.41.0", "use_cache": True,
-            "vocab_size": SP_VOCAB + len(CHATML), "scale_emb": 12, "dim_model_base": 64, "scale_depth": 1.4}
+            "vocab_size": SP_VOCAB + len(CHATML), "scale_emb": 12, "dim_model_base": 256, "scale_depth": 1.4}
 
 
 def _minicpm5() -> dict[str, Any]:

@@ -1,0 +1,71 @@
+"""Detect BitCPM-style ternary weights: every value is s x {-1, 0, +1}, with one s per scale group.
+
+BitCPM4 stores its ternary weights fake-quantized in BF16, so nothing in the config says so; the values
+do. A tensor is ternary at a granularity when, inside every group, all non-zero magnitudes are equal
+(within bf16 rounding). Granularities go from coarse to fine, each coarser one implying the finer ones,
+so the first that holds is the tensor's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+# |w| values inside a group count as equal within this relative tolerance (bf16 keeps 8 mantissa bits)
+MAGNITUDE_RTOL = 2.0**-8
+
+
+class TernaryGranularity(str, Enum):
+    TENSOR = "tensor"
+    ROW = "row"
+    GROUP128 = "group128"
+    GROUP64 = "group64"
+    GROUP32 = "group32"
+
+    @property
+    def group_size(self) -> int | None:
+        """Scale group length along the row, or None for per-tensor / per-row scales."""
+        return int(self.value.removeprefix("group")) if self.value.startswith("group") else None
+
+
+_ORDER = list(TernaryGranularity)
+
+
+@dataclass(frozen=True)
+class TernaryReport:
+    granularity: TernaryGranularity
+    zero_fraction: float
+
+
+def detect_ternary(weight: torch.Tensor) -> TernaryReport | None:
+    """The coarsest granularity at which ``weight`` [rows, cols] is ternary, or None if it is not."""
+    w = weight.detach().float().abs()
+    if w.dim() != 2:
+        return None
+    rows, cols = w.shape
+    for granularity in _ORDER:
+        if granularity is TernaryGranularity.TENSOR:
+            groups = w.reshape(1, -1)
+        elif granularity is TernaryGranularity.ROW:
+            groups = w
+        elif cols % granularity.group_size == 0:
+            groups = w.reshape(-1, granularity.group_size)  # (rows * cols / g, g)
+        else:
+            continue
+        if _single_magnitude(groups):
+            return TernaryReport(granularity, float((w == 0).float().mean()))
+    return None
+
+
+def _single_magnitude(groups: torch.Tensor) -> bool:
+    top = groups.amax(dim=1)
+    smallest = torch.where(groups > 0, groups, torch.full_like(groups, float("inf"))).amin(dim=1)
+    nonzero = top > 0
+    return bool(((top - smallest)[nonzero] <= MAGNITUDE_RTOL * top[nonzero]).all())
+
+
+def coarsest_common(reports: list[TernaryReport]) -> TernaryGranularity:
+    """The granularity every tensor satisfies: the finest among their own (finer ones contain coarser)."""
+    return max((r.granularity for r in reports), key=_ORDER.index)
