@@ -1,0 +1,170 @@
+"""``CausalLM``: the model skeleton every family's reference shares, built on the meta device and filled
+by ``load_weights`` from a stream of (HF name, tensor), one tensor at a time.
+
+Module paths equal the HF tensor names (``model.layers.0.self_attn.q_proj``), every linear is made by the
+caller's ``linear_factory(name, in, out)``, and ``model.embed_tokens`` may be swapped for any module
+mapping ids [B, T] to [B, T, H]. Families differ only in the attention and MLP they build and in their
+three scalars (embedding scale, residual scale, logit divisor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from cpmkit.errors import CpmkitError
+from cpmkit.spec import DROPPED_TENSOR_SUFFIXES, ModelSpec
+from cpmkit.verify.models.layers import DecoderLayer, KVCache, Linear, LinearFactory, RMSNorm, rope_cos_sin
+
+# (spec, layer index, linear scoped to "model.layers.{i}.self_attn." or ".mlp.") -> module
+BlockBuilder = Callable[[ModelSpec, int, Linear], nn.Module]
+
+TIED_HEAD = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class Scales:
+    """MiniCPM's muP scalars (all 1 for plain Llama)."""
+
+    embedding: float = 1.0  # scale_emb: multiplies the embedding output
+    residual: float = 1.0  # scale_depth / sqrt(L): multiplies each branch before the residual add
+    logit_divisor: float = 1.0  # hidden / dim_model_base: divides the final hidden state before lm_head
+
+
+class Backbone(nn.Module):
+    """``model.*``: embedding, decoder layers, final norm."""
+
+    def __init__(self, spec: ModelSpec, layers: list[nn.Module], embedding_scale: float, dtype: torch.dtype):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.embedding_scale = embedding_scale
+
+    def forward(self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None) -> torch.Tensor:
+        h = self.embed_tokens(input_ids) * self.embedding_scale
+        for layer in self.layers:
+            h = layer(h, cos, sin, cache)
+        return self.norm(h)
+
+
+def default_linear_factory(dtype: torch.dtype) -> LinearFactory:
+    return lambda name, in_features, out_features: nn.Linear(in_features, out_features, bias=False, dtype=dtype)
+
+
+class CausalLM(nn.Module):
+    """A decoder-only LM whose ``forward(input_ids [B, T], cache=None)`` returns float32 logits [B, T, V].
+
+    Built on the meta device: nothing is allocated until ``load_weights`` assigns each tensor (cast to
+    the model dtype) in place of its meta parameter, so a checkpoint is held once. A tied head is a
+    module whose weight is the embedding's Parameter; a quantized artifact may replace ``lm_head``.
+    """
+
+    def __init__(self, spec: ModelSpec, *, attention: BlockBuilder, mlp: BlockBuilder, scales: Scales,
+                 linear_factory: LinearFactory | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.spec = spec
+        self.dtype = dtype
+        self.logit_divisor = scales.logit_divisor
+        factory = linear_factory or default_linear_factory(dtype)
+        self._linear_names: list[str] = []
+
+        def scoped(prefix: str) -> Linear:
+            def make(name: str, in_features: int, out_features: int) -> nn.Module:
+                self._linear_names.append(prefix + name)
+                return factory(prefix + name, in_features, out_features)
+            return make
+
+        with torch.device("meta"):
+            layers = [
+                DecoderLayer(attention(spec, i, scoped(f"model.layers.{i}.self_attn.")),
+                             mlp(spec, i, scoped(f"model.layers.{i}.mlp.")),
+                             spec.hidden_size, spec.rms_norm_eps, scales.residual, dtype)
+                for i in range(spec.num_layers)
+            ]
+            self.model = Backbone(spec, layers, scales.embedding, dtype)
+            self.lm_head = scoped("")("lm_head", spec.hidden_size, spec.vocab_size)
+        self._tie_head()
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        offset = cache.length if cache is not None else 0
+        positions = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device)
+        cos, sin = rope_cos_sin(self.spec.rope, positions)
+        h = self.model(input_ids, cos, sin, cache)
+        logits = self.lm_head(h / self.logit_divisor)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        return logits.float()
+
+    def linear_names(self) -> list[str]:
+        """HF names (without ".weight") of every linear made through the factory, lm_head included (when
+        tied it is the embedding used as a linear)."""
+        return list(self._linear_names)
+
+    def _head_is_tied(self) -> bool:
+        head = getattr(self.lm_head, "weight", None)
+        return head is not None and head is getattr(self.model.embed_tokens, "weight", None)
+
+    def _tie_head(self) -> None:
+        # At construction only a plain head with a Parameter named "weight" of the embedding's shape can
+        # share it; a quantized lm_head built from the embedding brings its own tensors and stays untied.
+        if not self.spec.tie_word_embeddings:
+            return
+        head = getattr(self.lm_head, "weight", None)
+        embedding = getattr(self.model.embed_tokens, "weight", None)
+        if isinstance(head, nn.Parameter) and isinstance(embedding, nn.Parameter) and head.shape == embedding.shape:
+            self.lm_head.weight = embedding
+
+    def _targets(self) -> dict[str, tuple[nn.Module, str, torch.Tensor]]:
+        """HF name -> (owning module, attribute, current tensor) for every tensor load_weights must fill."""
+        out = {}
+        for name, tensor in self.state_dict(keep_vars=True).items():
+            if name == TIED_HEAD and self._head_is_tied():
+                continue
+            owner, _, attr = name.rpartition(".")
+            out[name] = (self.get_submodule(owner), attr, tensor)
+        return out
+
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], *, strict: bool = True) -> None:
+        """Assign each (HF name, tensor) of the stream to its parameter or buffer, floating tensors cast to
+        the destination's dtype. Rotary caches of old .bin files are skipped; when the head is tied, an
+        ``lm_head.weight`` in the stream is ignored (transformers re-ties it to the embedding too). With
+        ``strict``, an unknown name or any tensor left unfilled raises CpmkitError."""
+        tied = self._head_is_tied()  # assigning the embedding unties it; re-tied after the loop
+        targets = self._targets()
+        arch = self.spec.architecture
+        filled = set()
+        for name, tensor in tensors:
+            if name.endswith(DROPPED_TENSOR_SUFFIXES) or (name == TIED_HEAD and tied):
+                continue
+            if name not in targets:
+                if strict:
+                    raise CpmkitError(f"{name}: unexpected tensor, {arch} with this config has no such weight")
+                continue
+            module, attr, current = targets[name]
+            if tuple(tensor.shape) != tuple(current.shape):
+                raise CpmkitError(f"{name}: shape {tuple(tensor.shape)} does not match the expected "
+                                  f"{tuple(current.shape)} for this config")
+            value = _cast(name, tensor, current)
+            if attr in module._parameters:
+                module._parameters[attr] = nn.Parameter(value, requires_grad=current.requires_grad)
+            else:
+                module._buffers[attr] = value
+            filled.add(name)
+        if tied:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        missing = [n for n in targets if n not in filled]
+        if strict and missing:
+            raise CpmkitError(f"{missing[0]}: missing from the checkpoint ({len(missing)} tensors missing in all)")
+
+
+def _cast(name: str, tensor: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """The incoming tensor in the destination's dtype (and device, once the model is materialised)."""
+    if tensor.dtype != current.dtype and not (tensor.is_floating_point() and current.is_floating_point()):
+        raise CpmkitError(f"{name}: dtype {tensor.dtype} cannot be loaded into a {current.dtype} tensor")
+    device = tensor.device if current.is_meta else current.device
+    return tensor.detach().to(device=device, dtype=current.dtype)
