@@ -1,0 +1,201 @@
+"""Which dequant-GEMM strategy and tile configuration runs a given call, and autotuning.
+
+The rule: ``M <= GEMV_MAX_M`` (decode-sized batches) runs the split-K GEMV, larger M the tiled GEMM.
+A :class:`TuneCache` entry measured for the same layout, shape bucket and dtype overrides both the
+strategy and the tiles, so the crossover is measured per format and shape where a cache exists. Configs
+are always explicit arguments: nothing is read at import and no state is global; a cache is an object
+the caller loads (``TuneCache.load``) and passes in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Callable, Union
+
+import torch
+import triton
+import triton.testing
+from triton.runtime.errors import OutOfResources, PTXASError
+
+from cpmkit.errors import CpmkitError
+from cpmkit.kernels.gemm_tiled import GemmConfig, gemm
+from cpmkit.kernels.gemv_splitk import MAX_M as GEMV_KERNEL_MAX_M
+from cpmkit.kernels.gemv_splitk import GemvConfig, gemv
+from cpmkit.kernels.layout import PackedWeight
+
+GEMV_MAX_M = 8
+# Programs to aim for when choosing split-K: about two waves on an H100 (132 SMs), enough to keep
+# every SM streaming weights.
+TARGET_PROGRAMS = 264
+ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MAX_OFFSET = 2**31  # the kernels index x and the output with int32 offsets
+
+Config = Union[GemvConfig, GemmConfig]
+
+
+class Strategy(str, Enum):
+    GEMV = "gemv_splitk"
+    GEMM = "gemm_tiled"
+
+
+_RUNNERS: dict[Strategy, tuple[Callable[[torch.Tensor, PackedWeight, Config], torch.Tensor], type]] = {
+    Strategy.GEMV: (gemv, GemvConfig),
+    Strategy.GEMM: (gemm, GemmConfig),
+}
+
+
+def choose_strategy(m: int) -> Strategy:
+    return Strategy.GEMV if m <= GEMV_MAX_M else Strategy.GEMM
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << (max(v, 1).bit_length() - 1)
+
+
+def _block_k(k: int, largest: int) -> int:
+    """Largest power of two in [32, largest] dividing K (K is a multiple of 32 in every format)."""
+    b = largest
+    while b > 32 and k % b:
+        b //= 2
+    return b
+
+
+def _split_k(tiles: int, k_tiles: int, most: int) -> int:
+    return _pow2_floor(min(max(TARGET_PROGRAMS // tiles, 1), k_tiles, most))
+
+
+def default_config(strategy: Strategy, m: int, n: int, k: int) -> Config:
+    """Untuned tiles that are valid for every layout and reasonable on an H100."""
+    if strategy == Strategy.GEMV:
+        # keep BLOCK_M * BLOCK_K * BLOCK_N (the product held in registers) at 16K elements
+        block_n = 32 if n <= 1024 else 64
+        block_k = _block_k(k, max(32, 256 // triton.next_power_of_2(m)))
+        split = _split_k(triton.cdiv(n, block_n), k // block_k, k // block_k)
+        return GemvConfig(block_n=block_n, block_k=block_k, split_k=split)
+    block_m = min(128, max(16, triton.next_power_of_2(m)))
+    block_n = 128 if n >= 2048 and block_m >= 64 else 64
+    block_k = _block_k(k, 64)
+    split = _split_k(triton.cdiv(m, block_m) * triton.cdiv(n, block_n), k // block_k, 8)
+    return GemmConfig(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split,
+                      num_warps=8 if block_m * block_n >= 128 * 128 else 4)
+
+
+def candidate_configs(strategy: Strategy, m: int, n: int, k: int) -> list[Config]:
+    """The autotune search space for one strategy and shape (valid tiles only)."""
+    out: list[Config] = []
+    if strategy == Strategy.GEMV:
+        bm = triton.next_power_of_2(m)
+        for block_n in (32, 64, 128):
+            for block_k in (32, 64, 128, 256, 512):
+                if k % block_k or bm * block_k * block_n > 32768 or block_k * block_n < 2048:
+                    continue
+                for split in (1, 2, 4, 8, 16):
+                    if split <= k // block_k:
+                        out += [GemvConfig(block_n, block_k, split, warps, 2) for warps in (2, 4)]
+        return out
+    for block_m, block_n, block_k, warps, stages in (
+        (16, 64, 128, 4, 3), (16, 128, 64, 4, 3), (32, 64, 128, 4, 3), (32, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3),
+        (128, 128, 32, 8, 4), (128, 256, 64, 8, 3),
+    ):
+        if k % block_k or block_m > max(16, triton.next_power_of_2(m)):
+            continue
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        for split in (1, 2, 4, 8):
+            if split == 1 or (tiles * split <= 2 * TARGET_PROGRAMS and split <= k // block_k // 4):
+                out.append(GemmConfig(block_m, block_n, block_k, split, 8, warps, stages))
+    return out
+
+
+def tune_key(w: PackedWeight, m: int, dtype: torch.dtype) -> str:
+    return f"{w.layout.key()}|m={triton.next_power_of_2(m)}|n={w.n}|k={w.k}|{str(dtype).removeprefix('torch.')}"
+
+
+@dataclass
+class TuneCache:
+    """Measured best (strategy, config) per :func:`tune_key`, for one GPU model; JSON on disk."""
+
+    device: str
+    entries: dict[str, tuple[Strategy, Config]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path, device: str) -> TuneCache:
+        """Read ``path`` (an empty cache if it does not exist); it must have been tuned on ``device``."""
+        if not path.exists():
+            return cls(device)
+        data = json.loads(path.read_text())
+        if data.get("device") != device:
+            raise CpmkitError(f"{path}: autotune cache was measured on {data.get('device')!r}, not {device!r}; "
+                              "use a cache file per GPU model")
+        entries = {}
+        for key, e in data["entries"].items():
+            strategy = Strategy(e["strategy"])
+            entries[key] = (strategy, _RUNNERS[strategy][1](**e["config"]))
+        return cls(device, entries)
+
+    def save(self, path: Path) -> None:
+        data = {"device": self.device,
+                "entries": {key: {"strategy": s.value, "config": asdict(c)} for key, (s, c) in self.entries.items()}}
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+
+
+def plan(w: PackedWeight, m: int, dtype: torch.dtype, tune: TuneCache | None = None) -> tuple[Strategy, Config]:
+    """The strategy and tiles :func:`quant_matmul` uses for ``M = m`` rows of ``dtype``."""
+    entry = tune.entries.get(tune_key(w, m, dtype)) if tune is not None else None
+    if entry is not None:
+        return entry
+    strategy = choose_strategy(m)
+    return strategy, default_config(strategy, m, w.n, w.k)
+
+
+def run(strategy: Strategy, x2d: torch.Tensor, w: PackedWeight, cfg: Config) -> torch.Tensor:
+    return _RUNNERS[strategy][0](x2d, w, cfg)
+
+
+def quant_matmul(x: torch.Tensor, w: PackedWeight, tune: TuneCache | None = None) -> torch.Tensor:
+    """``x [..., K]`` (bf16/fp16/fp32) times ``dequant(w).T`` -> ``[..., N]`` in x's dtype, on Triton."""
+    if x.dtype not in ACTIVATION_DTYPES or x.shape[-1] != w.k:
+        raise CpmkitError(f"dequant matmul: input {x.dtype} {tuple(x.shape)} does not fit a {w.n}x{w.k} weight; "
+                          "expected float32/float16/bfloat16 with last dimension K")
+    x2d = x.reshape(-1, w.k)
+    if x2d.stride(1) != 1:  # the kernels read K-contiguous rows
+        x2d = x2d.contiguous()
+    m = x2d.shape[0]
+    if m == 0:
+        return x.new_empty((*x.shape[:-1], w.n))
+    if max(m * x2d.stride(0), m * w.n) >= MAX_OFFSET:
+        raise CpmkitError(f"dequant matmul: {m} rows of a {w.n}x{w.k} weight exceed int32 offsets; split the batch")
+    strategy, cfg = plan(w, m, x.dtype, tune)
+    return run(strategy, x2d, w, cfg).reshape(*x.shape[:-1], w.n)
+
+
+def autotune(x2d: torch.Tensor, w: PackedWeight, tune: TuneCache,
+             strategies: tuple[Strategy, ...] = (Strategy.GEMV, Strategy.GEMM),
+             rep_ms: int = 20) -> tuple[Strategy, Config, float]:
+    """Time every candidate of ``strategies`` on CUDA and record the fastest in ``tune``.
+
+    Returns (strategy, config, milliseconds). Configs that exceed the GPU's shared memory or registers
+    (or that ptxas rejects) are skipped; any other failure propagates.
+    """
+    m = x2d.shape[0]
+    best: tuple[Strategy, Config, float] | None = None
+    for strategy in strategies:
+        if strategy == Strategy.GEMV and m > GEMV_KERNEL_MAX_M:  # the tuner may find GEMV wins beyond the rule
+            continue
+        for cfg in candidate_configs(strategy, m, w.n, w.k):
+            try:
+                ms = triton.testing.do_bench(lambda s=strategy, c=cfg: run(s, x2d, w, c), warmup=5, rep=rep_ms)
+            except (OutOfResources, PTXASError):
+                continue
+            if best is None or ms < best[2]:
+                best = (strategy, cfg, ms)
+    if best is None:
+        raise CpmkitError(f"autotune: no candidate config fits the GPU for a {w.n}x{w.k} weight at M={m}")
+    tune.entries[tune_key(w, m, x2d.dtype)] = best[:2]
+    return best

@@ -1,0 +1,90 @@
+"""Both dequant-GEMM strategies, every format, against ``x @ W.T`` in float32 with W decoded by an
+independent reader (gguf-py, mlx). On CPU the kernels run under TRITON_INTERPRET (tests/conftest.py).
+
+Tolerances, ``|y - ref| <= rtol * |ref| + atol * rms(ref)`` per path:
+
+| path                 | rtol  | atol | why                                                            |
+| -------------------- | ----- | ---- | -------------------------------------------------------------- |
+| GEMV, GEMM; fp32 in  | 1e-5  | 1e-5 | float32 decode and accumulation; only the summation order differs |
+| GEMV; bf16 in        | 2^-8  | 1e-5 | float32 math, output rounded to bf16                            |
+| GEMM; bf16 in        | 2^-8  | 2e-2 | decoded weight rounded to bf16 for the MMA (interpreter: truncated) |
+"""
+
+import pytest
+import torch
+from kernel_weights import CASE_IDS, DEVICE, K, N, assert_within, make_linear
+
+from cpmkit.kernels.dispatch import GEMV_MAX_M, Strategy, choose_strategy
+from cpmkit.kernels.gemm_tiled import GemmConfig, gemm, reference_gemm
+from cpmkit.kernels.gemv_splitk import GemvConfig, gemv, reference_gemv
+
+# Tiles smaller than the shapes on purpose: 2 column tiles (the second ragged), 2-way split-K, K tiles
+# both smaller than a 256 super-block and larger than a 32 block.
+GEMV_TILES = GemvConfig(block_n=32, block_k=64, split_k=2)
+GEMM_TILES = GemmConfig(block_m=16, block_n=32, block_k=128, split_k=2)
+
+TOLERANCES = {  # (strategy, input dtype) -> (rtol, atol as a fraction of rms(ref))
+    (Strategy.GEMV, torch.float32): (1e-5, 1e-5),
+    (Strategy.GEMM, torch.float32): (1e-5, 1e-5),
+    (Strategy.GEMV, torch.bfloat16): (2**-8, 1e-5),
+    (Strategy.GEMM, torch.bfloat16): (2**-8, 2e-2),
+}
+RUNS = {Strategy.GEMV: lambda x, w: gemv(x, w, GEMV_TILES), Strategy.GEMM: lambda x, w: gemm(x, w, GEMM_TILES)}
+
+
+@pytest.mark.parametrize("case", CASE_IDS)
+@pytest.mark.parametrize("strategy,m,dtype", [
+    (Strategy.GEMV, 1, torch.bfloat16), (Strategy.GEMV, 3, torch.float32),
+    (Strategy.GEMM, 17, torch.bfloat16), (Strategy.GEMM, 17, torch.float32),
+])
+def test_kernel_matches_independent_decoder(case, strategy, m, dtype):
+    linear, oracle = make_linear(case)
+    x = torch.randn(m, K, generator=torch.Generator().manual_seed(m)).to(dtype)
+    y = RUNS[strategy](x.to(DEVICE), linear.to(DEVICE).packed()).cpu()
+    assert y.dtype == dtype and y.shape == (m, N)
+    assert_within(y, x.float() @ oracle.T, *TOLERANCES[strategy, dtype])
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_gemv_rows_are_independent(m):
+    # every row of a small batch equals the same row computed alone (masking of the padded rows)
+    w = make_linear("gguf-Q4_K")[0].to(DEVICE).packed()
+    x = torch.randn(m, K, generator=torch.Generator().manual_seed(10)).to(DEVICE)
+    y = gemv(x, w, GEMV_TILES)
+    alone = torch.cat([gemv(x[i : i + 1], w, GEMV_TILES) for i in range(m)])
+    torch.testing.assert_close(y, alone, rtol=1e-6, atol=1e-7)
+
+
+def test_split_k_does_not_change_the_result():
+    w = make_linear("gguf-Q6_K")[0].to(DEVICE).packed()
+    x = torch.randn(2, K, generator=torch.Generator().manual_seed(11)).to(DEVICE)
+    whole = gemv(x, w, GemvConfig(block_n=64, block_k=128, split_k=1))
+    for split in (2, 3, 4):  # 3 does not divide the 4 K tiles: the last split is short
+        torch.testing.assert_close(gemv(x, w, GemvConfig(64, 128, split)), whole, rtol=1e-6, atol=1e-6)
+
+
+def test_references_model_the_kernels():
+    linear, oracle = make_linear("mlx-4bit-g64-float16")
+    x = torch.randn(17, K, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
+    w = linear.to(DEVICE).packed()
+    y_gemv, y_gemm = gemv(x[:4].to(DEVICE), w, GEMV_TILES).cpu(), gemm(x.to(DEVICE), w, GEMM_TILES).cpu()
+    assert_within(y_gemv, reference_gemv(x[:4], oracle).float(), 2**-7, 1e-5)
+    assert_within(y_gemm, reference_gemm(x, oracle).float(), 2**-7, 1e-2)
+
+
+@pytest.mark.parametrize("op", ["dequant_gemv", "dequant_gemm"])
+def test_custom_ops_have_working_fakes(op):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    w = make_linear("gguf-Q4_0")[0].packed()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(5, K, dtype=torch.bfloat16)
+        args = [x, w.lo, w.hi, w.d, w.m, w.sub_d, w.sub_m, 4, 0, 8, 32, 32, False]
+        tiles = [32, 64, 1, 4, 2] if op == "dequant_gemv" else [16, 32, 64, 1, 8, 4, 3]
+        y = getattr(torch.ops.cpmkit, op)(*args, *tiles)
+    assert y.shape == (5, N) and y.dtype == torch.bfloat16
+
+
+def test_dispatch_rule():
+    assert [choose_strategy(m) for m in (1, GEMV_MAX_M, GEMV_MAX_M + 1, 4096)] == [
+        Strategy.GEMV, Strategy.GEMV, Strategy.GEMM, Strategy.GEMM]

@@ -1,0 +1,60 @@
+"""Compile both kernels for an H100 (sm_90) without a GPU: catches what the interpreter cannot (layout
+lowering, ``tl.dot`` operand rules, ptxas). Runs this file as a script in a subprocess, because the
+kernels must be imported without TRITON_INTERPRET, which tests/conftest.py sets on CPU machines."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+SM_90 = 90
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the kernels for real in test_kernels.py")
+def test_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("compiled") == 8, done.stdout
+
+
+def _compile_all() -> None:
+    import triton
+    import triton.language as tl
+    from gguf import GGMLQuantizationType as QType
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from cpmkit.kernels.gemm_tiled import gemm_kernel
+    from cpmkit.kernels.gemv_splitk import gemv_kernel
+    from cpmkit.kernels.repack import GGUF_KERNEL_TYPES, mlx_layout
+
+    def compile_kernel(kernel, act: str, lay, d: str, sub: str, constants: dict, split: int) -> None:
+        ptr = {"bf16": "*bf16", "fp32": "*fp32"}[act]
+        sig = {"x_ptr": ptr, "out_ptr": "*fp32" if split > 1 else ptr, "M": "i32", "N": "i32", "K": "i32",
+               "stride_xm": "i32", "lo_ptr": "*i32", "hi_ptr": "*i32" if lay.hi_bits else None, "d_ptr": d,
+               "m_ptr": d if lay.has_m else None, "sub_d_ptr": sub if lay.has_sub else None,
+               "sub_m_ptr": "*u8" if lay.has_sub and lay.has_m else None}
+        consts = {name: None for name, t in sig.items() if t is None}
+        consts.update(LO_BITS=lay.lo_bits, HI_BITS=lay.hi_bits, ZERO=lay.zero, BLOCK=lay.block,
+                      SUB_BLOCK=lay.sub_block, HAS_M=lay.has_m, SPLIT_K=split, **constants)
+        signature = {name: sig.get(name) or "constexpr" for name in kernel.arg_names}
+        src = ASTSource(kernel, signature, consts)
+        triton.compile(src, target=GPUTarget("cuda", SM_90, 32), options={"num_warps": 4, "num_stages": 2})
+        print("compiled", kernel.__name__, act, lay, flush=True)
+
+    gguf = {t: GGUF_KERNEL_TYPES[t].layout for t in (QType.Q4_K, QType.Q6_K, QType.Q8_0)}
+    cases = [(gguf[QType.Q4_K], "*fp16", "*u8"), (gguf[QType.Q6_K], "*fp16", "*i8"),
+             (gguf[QType.Q8_0], "*fp16", "*u8"), (mlx_layout(3, 64), "*bf16", "*u8")]
+    for lay, d, sub in cases:
+        compile_kernel(gemv_kernel, "bf16", lay, d, sub, dict(BLOCK_M=2, BLOCK_N=64, BLOCK_K=128), split=4)
+        act = "fp32" if lay.lo_bits == 8 else "bf16"
+        dot = dict(DOT_DTYPE=tl.float32 if act == "fp32" else tl.bfloat16,
+                   DOT_PRECISION="ieee" if act == "fp32" else "tf32", UPCAST_DOT=False, GROUP_M=8)
+        compile_kernel(gemm_kernel, act, lay, d, sub, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, **dot), split=1)
+
+
+if __name__ == "__main__":
+    _compile_all()

@@ -1,0 +1,93 @@
+"""QuantLinear: the torch fallback against independent decoders, the Triton path (interpreter, default
+tiles from the dispatcher) against the fallback, caching, state and errors."""
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QType
+from kernel_weights import CASE_IDS, DEVICE, K, N, assert_within, gguf_weight, make_linear, quant_linear_args
+
+from cpmkit.errors import CpmkitError
+from cpmkit.kernels import Backend, QuantLinear
+
+
+@pytest.mark.parametrize("case", CASE_IDS)
+def test_fallback_matches_independent_decoder(case):
+    linear, oracle = make_linear(case, backend=Backend.TORCH)
+    torch.testing.assert_close(linear.dequantize(), oracle, rtol=1e-6, atol=0)
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(0))
+    assert_within(linear(x), x @ oracle.T, 1e-5, 1e-6)
+
+
+@pytest.mark.parametrize("case,m", [("gguf-Q4_K", 1), ("gguf-Q8_0", 5), ("mlx-4bit-g64-float16", 2),
+                                    ("gguf-Q6_K", 33), ("mlx-3bit-g64-bfloat16", 20)])
+def test_triton_path_matches_fallback(case, m):
+    # default tiles from the dispatcher (GEMV for m <= 8, GEMM above), 3-D input, bias
+    bias = torch.randn(N, generator=torch.Generator().manual_seed(1))
+    triton_linear = make_linear(case, backend=Backend.TRITON, bias=bias)[0].to(DEVICE)
+    torch_linear = make_linear(case, backend=Backend.TORCH, bias=bias)[0].to(DEVICE)
+    x = torch.randn(m, 1, K, generator=torch.Generator().manual_seed(m)).to(DEVICE)
+    y = triton_linear(x)
+    assert y.shape == (m, 1, N)
+    assert_within(y, torch_linear(x), 1e-5, 1e-5)  # fp32 in: the fp32 rows of TOLERANCES in test_kernels
+
+
+def test_auto_backend_uses_fallback_on_cpu():
+    linear, oracle = make_linear("gguf-Q4_0")
+    x = torch.randn(2, K, dtype=torch.bfloat16)
+    y = linear(x)
+    assert linear._packed is None and y.dtype == torch.bfloat16  # never repacked
+    assert_within(y, x.float() @ oracle.T, 2**-8, 1e-5)
+
+
+def test_cache_dequantized_decodes_once(monkeypatch):
+    linear, _ = make_linear("gguf-Q5_K", backend=Backend.TORCH, cache_dequantized=True)
+    calls = []
+    decode = linear.dequantize
+    monkeypatch.setattr(linear, "dequantize", lambda: calls.append(1) or decode())
+    x = torch.randn(1, K)
+    first = linear(x)
+    torch.testing.assert_close(linear(x), first, rtol=0, atol=0)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("backend", [Backend.TORCH, Backend.TRITON])
+def test_replaced_or_overwritten_buffers_refresh_the_caches(backend):
+    # as a loader does: build on placeholders, then assign the real tensors (or copy into them)
+    linear = make_linear("gguf-Q4_K", backend=backend, cache_dequantized=True)[0].to(DEVICE)
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(2))
+    linear(x.to(DEVICE))
+    raw, oracle = gguf_weight(QType.Q4_K, seed=7)
+    linear._buffers["raw"] = raw.to(DEVICE)
+    assert_within(linear(x.to(DEVICE)), x @ oracle.T, 1e-5, 1e-5)
+    raw, oracle = gguf_weight(QType.Q4_K, seed=8)
+    linear.load_state_dict({"raw": raw})
+    assert_within(linear(x.to(DEVICE)), x @ oracle.T, 1e-5, 1e-5)
+
+
+def test_buffers_are_the_artifact_tensors():
+    args, _ = quant_linear_args("gguf-Q6_K")
+    linear = QuantLinear.from_gguf(**args)
+    assert list(linear.state_dict()) == ["raw"] and torch.equal(linear.state_dict()["raw"], args["raw"])
+    args, _ = quant_linear_args("mlx-5bit-g128-bfloat16")
+    linear = QuantLinear.from_mlx(**args)
+    assert set(linear.state_dict()) == {"weight", "scales", "biases"}
+    assert (linear.in_features, linear.out_features) == (K, N)
+
+
+def test_errors_name_the_tensor(monkeypatch):
+    raw, _ = gguf_weight(QType.Q4_0)
+    with pytest.raises(CpmkitError, match="blk.0.attn_q.weight: Q4_0 data"):
+        QuantLinear.from_gguf(raw[:, :-2], QType.Q4_0, (N, K), name="blk.0.attn_q.weight")
+    with pytest.raises(CpmkitError, match="IQ4_XS has no cpmkit dequant-GEMM kernel"):
+        QuantLinear.from_gguf(raw, QType.IQ4_XS, (N, K))
+    args, _ = quant_linear_args("mlx-4bit-g64-float16")
+    with pytest.raises(CpmkitError, match="bits=7"):
+        QuantLinear.from_mlx(**{**args, "bits": 7})
+    with pytest.raises(CpmkitError, match="do not fit"):
+        QuantLinear.from_mlx(**{**args, "group_size": 32})
+    linear = QuantLinear.from_gguf(raw, QType.Q4_0, (N, K), backend=Backend.TRITON, name="lm_head")
+    with pytest.raises(CpmkitError, match="lm_head: input of shape"):
+        linear(torch.randn(2, K + 32))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(CpmkitError, match="TRITON_INTERPRET=1"):
+        linear(torch.randn(2, K))
