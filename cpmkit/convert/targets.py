@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from cpmkit.quant.ternary import TernaryGranularity
-from cpmkit.spec import Activation, Family, ModelSpec
+from cpmkit.spec import Activation, Family, ModelSpec, RopeKind
 
 Check = Callable[[ModelSpec, "TernaryGranularity | None"], "str | None"]
 TARGETS: dict[str, Check] = {}
@@ -53,10 +53,17 @@ def _gguf_ternary(spec: ModelSpec, ternary: TernaryGranularity | None) -> str | 
 
 @target("mlx")
 def _mlx(spec: ModelSpec, ternary: TernaryGranularity | None) -> str | None:
+    # mlx-lm 0.32.2 models/minicpm.py, minicpm3.py and rope_utils.py
+    rope = spec.rope
     if spec.activation is Activation.FATRELU:
         return "mlx-lm's minicpm model is SiLU-only; a fatrelu (MiniCPM-S) model would run wrong"
     if spec.moe is not None:
         return "mlx-lm's minicpm model has no mixture-of-experts layers"
+    if spec.family is Family.MINICPM3 and rope.kind not in (RopeKind.DEFAULT, RopeKind.LONGROPE):
+        return f"mlx-lm's minicpm3 model always runs LongRoPE; {rope.kind.value} rope_scaling would run wrong"
+    if rope.kind is RopeKind.LONGROPE and rope.short_factor != rope.long_factor:
+        return ("mlx-lm's LongRoPE always uses long_factor, and this checkpoint's short_factor differs: sequences "
+                f"up to original_max_position_embeddings ({rope.original_max_position}) would run wrong")
     return None
 
 
