@@ -106,11 +106,26 @@ class Checkpoint:
             yield name, self._checked(name, ref.file, tensor)
 
     def _checked(self, name: str, file: Path, tensor: torch.Tensor) -> torch.Tensor:
-        if not self.allow_nonfinite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            bad = int((~torch.isfinite(tensor)).sum())
+        if not self.allow_nonfinite and (bad := count_nonfinite(tensor)):
             raise CpmkitError(f"{file}: tensor {name} holds {bad} NaN/Inf values; refusing to go on "
                               "(--allow-nonfinite to continue anyway)")
         return tensor
+
+
+# NaN and Inf are the values whose exponent bits are all ones: testing the bits on an integer view
+# needs no float upcast, and chunking bounds the temporaries.
+_EXPONENT_BITS = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
+                  torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
+_FINITE_CHUNK = 1 << 24
+
+
+def count_nonfinite(tensor: torch.Tensor) -> int:
+    if tensor.dtype not in _EXPONENT_BITS:
+        return 0
+    int_dtype, mask = _EXPONENT_BITS[tensor.dtype]
+    bits = tensor.contiguous().view(int_dtype).reshape(-1)
+    return sum(int((bits[i : i + _FINITE_CHUNK] & mask).eq_(mask).sum())
+               for i in range(0, bits.numel(), _FINITE_CHUNK))
 
 
 def _read_json(path: Path) -> dict:
