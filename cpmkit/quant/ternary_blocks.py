@@ -1,0 +1,34 @@
+"""TQ1_0 / TQ2_0 quantizers (quantize_row_tq{1,2}_0_ref): value = d*t, t in {-1, 0, +1}.
+
+d is the absolute maximum of each 256-element block and t = lroundf(x/d) (half away from zero), so a
+block that already holds {-s, 0, +s} for one s (BitNet / BitCPM ternary weights with one scale per
+row or per >= 256-aligned group) round-trips exactly. The importance vector is ignored, as in ggml.
+"""
+
+from __future__ import annotations
+
+import torch
+from gguf import GGMLQuantizationType as QType
+
+from cpmkit.formats.gguf.layout import QK_K
+from cpmkit.formats.gguf.quantized import QuantizedBlocks
+from cpmkit.quant.ggml_float import lroundf, rdiv
+
+
+def _ternarize(qtype: QType, x: torch.Tensor) -> QuantizedBlocks:
+    xb = x.reshape(-1, QK_K)
+    d = xb.abs().amax(1)
+    inv = torch.where(d != 0, rdiv(1.0, d), torch.zeros_like(d))
+    trits = lroundf(xb * inv[:, None]) + 1  # -1, 0, 1 -> 0, 1, 2
+    return QuantizedBlocks(qtype, trits.to(torch.uint8), d=d.half())
+
+
+def quantize_tq1_0(x: torch.Tensor, quant_weights: torch.Tensor | None) -> QuantizedBlocks:
+    return _ternarize(QType.TQ1_0, x)
+
+
+def quantize_tq2_0(x: torch.Tensor, quant_weights: torch.Tensor | None) -> QuantizedBlocks:
+    return _ternarize(QType.TQ2_0, x)
+
+
+QUANTIZERS = {QType.TQ1_0: quantize_tq1_0, QType.TQ2_0: quantize_tq2_0}
