@@ -23,12 +23,28 @@ from cpmkit.spec import DROPPED_TENSOR_SUFFIXES, ModelSpec, read_spec
 
 DEMO_NAME = "demo"
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_HUB_CACHE_DIR = re.compile(r"models--([^/]+?)--(.+)")
 # What a download fetches: config, weights in either format, tokenizer and template files.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "tokenizer.model", "*.jinja", "*.txt", "README.md"]
 
 
 def demo_path() -> Path:
     return Path(__file__).parent / "demo" / "model"
+
+
+def is_hub_id(source: str | Path) -> bool:
+    """True when ``source`` names a Hugging Face repo rather than a local path or ``demo``."""
+    return not Path(source).exists() and str(source) != DEMO_NAME and bool(_REPO_ID.fullmatch(str(source)))
+
+
+def hub_repo_id(root: Path) -> str | None:
+    """``org/name`` when ``root`` lies in a Hugging Face cache snapshot (``.../models--org--name/snapshots/<rev>``),
+    which is where a downloaded checkpoint lives. config.json's ``_name_or_path`` is no guide: MiniCPM-2B's says
+    ``openbmb/CPM-2B``, a repo that does not exist."""
+    for part in root.resolve().parts:
+        if match := _HUB_CACHE_DIR.fullmatch(part):
+            return f"{match.group(1)}/{match.group(2)}"
+    return None
 
 
 def resolve_source(source: str | Path) -> Path:
@@ -38,7 +54,7 @@ def resolve_source(source: str | Path) -> Path:
         return path
     if str(source) == DEMO_NAME:
         return demo_path()
-    if _REPO_ID.fullmatch(str(source)):
+    if is_hub_id(source):
         return _download(str(source))
     raise CpmkitError(f"{source}: no such file or directory")
 
@@ -83,6 +99,11 @@ class Checkpoint:
     @classmethod
     def open(cls, source: str | Path, *, allow_nonfinite: bool = False) -> "Checkpoint":
         return cls(resolve_source(source), allow_nonfinite=allow_nonfinite)
+
+    @cached_property
+    def repo_id(self) -> str | None:
+        """The Hugging Face repo this checkpoint was downloaded from, when it was."""
+        return hub_repo_id(self.root)
 
     @cached_property
     def weight_files(self) -> list[Path]:

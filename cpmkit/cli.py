@@ -90,5 +90,84 @@ def eval_(path: str, text_file: str | None, dataset: str | None, ctx: int, chunk
                    f"{seconds:.1f} s)")
 
 
+# ---- verify and release ----------------------------------------------------------------------------------
+
+def _stage_progress(description: str):
+    def wrap(items):
+        return tqdm(items, desc=description, leave=False, file=sys.stderr, disable=not sys.stderr.isatty())
+
+    return wrap
+
+
+@cli.command(help="Measure an artifact (a GGUF file or an MLX folder) against its BF16 reference on the same "
+                  "tokens: perplexity, KL divergence, top-1 agreement, size, bits per weight and speed.")
+@click.argument("artifact")
+@click.option("--reference", required=True, help=f"the checkpoint it was made from: {PATH_HELP}")
+@click.option("--text", "text_file", type=click.Path(dir_okay=False), help="score on this UTF-8 text file "
+              "(default: the built-in text)")
+@click.option("--dataset", help="score on a named dataset (wikitext2; needs a network and `datasets`)")
+@click.option("--ctx", default=512, show_default=True, help="tokens per window")
+@click.option("--chunks", type=int, help="score at most this many windows")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object and nothing else")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False),
+              help="write report.json, report.md and report.html into this folder")
+@click.option("--no-speed", is_flag=True, help="skip the speed measurements")
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="where reference log-probs are kept (default: ~/.cache/cpmkit/reference)")
+def verify(artifact: str, reference: str, text_file: str | None, dataset: str | None, ctx: int, chunks: int | None,
+           device: str, as_json: bool, report_dir: str | None, no_speed: bool, cache_dir: str | None) -> None:
+    from cpmkit.verify.markdown import write_markdown
+    from cpmkit.verify.run import verify_artifact, write_report_files
+
+    report, _ = verify_artifact(artifact, reference, text=text_file, dataset=dataset, ctx=ctx, chunks=chunks,
+                                device=device, cache_dir=cache_dir, speed=not no_speed, report_dir=report_dir,
+                                progress=_stage_progress)
+    html = write_report_files(report, report_dir) if report_dir is not None else None
+    if as_json:
+        click.echo(report.to_json(), nl=False)
+        return
+    click.echo(write_markdown(report), nl=False)
+    if html is not None:
+        click.echo(f"HTML report: {html}")
+
+
+@cli.command(name="release", help="Make a shelf of quantized artifacts of a checkpoint, each verified against "
+                                  "the reference, in Hugging Face hub layout (one folder per artifact, "
+                                  f"manifest.json, report.json/.md/.html). PATH: {PATH_HELP}.")
+@click.argument("path")
+@click.argument("outdir", type=click.Path(file_okay=False))
+@click.option("--to", "targets", multiple=True, metavar="FORMAT:VARIANT",
+              help="an artifact to make, repeatable: gguf:Q8_0, gguf:Q4_K_M, gguf:Q2_K, mlx:8-g32, mlx:4, "
+                   "mlx:mixed_4_6, ...")
+@click.option("--recipe", help="a release TOML file (targets and options), or a built-in recipe: demo")
+@click.option("--name", help="base of folder and repo names (default: the model's name)")
+@click.option("--base-model", help="Hub id for the cards' base_model (default: the source's)")
+@click.option("--text", "text_file", type=click.Path(dir_okay=False), help="verify on this UTF-8 text file")
+@click.option("--dataset", help="verify on a named dataset (wikitext2)")
+@click.option("--ctx", type=int, help="tokens per window  [default: 512]")
+@click.option("--chunks", type=int, help="score at most this many windows")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[default: auto]")
+@click.option("--speed/--no-speed", default=None, help="measure speed  [default: on]")
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="where reference log-probs are kept (default: ~/.cache/cpmkit/reference)")
+@click.option("--push", metavar="ORG[/NAME]", help="upload every artifact folder to ORG/<folder name> "
+              "(needs huggingface_hub, a token and a network; checked before anything is written)")
+def release_(path: str, outdir: str, targets: tuple[str, ...], recipe: str | None, name: str | None,
+             base_model: str | None, text_file: str | None, dataset: str | None, ctx: int | None,
+             chunks: int | None, device: str | None, speed: bool | None, cache_dir: str | None,
+             push: str | None) -> None:
+    from cpmkit.convert.release import release
+
+    result = release(path, outdir, targets=targets, recipe=recipe, name=name, base_model=base_model, text=text_file,
+                     dataset=dataset, ctx=ctx, chunks=chunks, device=device, speed=speed, cache_dir=cache_dir,
+                     push=push, progress=_stage_progress)
+    for a, measured in zip(result.artifacts, result.report.artifacts):
+        pushed = f"  https://huggingface.co/{a.repo_id}" if a.repo_id else ""
+        click.echo(f"{a.status.value:<10} {a.name:<20} dPPL {measured.delta_ppl_pct:+7.2f} %  "
+                   f"KLD {measured.kld.mean:.6f}  {a.folder}{pushed}")
+    click.echo(f"HTML report: {result.html}")
+
+
 def main() -> None:
     cli(prog_name="cpmkit")

@@ -13,6 +13,12 @@ from typing import Iterator
 from cpmkit.errors import CpmkitError
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def refuse_existing(dest: Path, overwrite: bool) -> None:
     if dest.exists() and not overwrite:
         raise CpmkitError(f"{dest}: already exists; choose another output or pass --overwrite")
@@ -24,6 +30,7 @@ def atomic_dir(dest: Path, *, overwrite: bool = False) -> Iterator[Path]:
     refuse_existing(dest, overwrite)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    tmp.chmod(0o777 & ~_current_umask())  # mkdtemp makes 0700; a finished artifact gets ordinary permissions
     try:
         yield tmp
         if dest.exists():
@@ -42,6 +49,7 @@ def atomic_file(dest: Path, *, overwrite: bool = False) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
     os.close(fd)
     tmp = Path(name)
+    tmp.chmod(0o666 & ~_current_umask())  # mkstemp makes 0600
     try:
         yield tmp
         os.replace(tmp, dest)

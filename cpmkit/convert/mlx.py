@@ -24,7 +24,6 @@ default-recipe conversion of an untied checkpoint is byte-identical to mlx-lm's,
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,13 +50,14 @@ MLX_MODEL_TYPES = {Family.MINICPM: "minicpm", Family.MINICPM3: "minicpm3", Famil
 EXPLICIT_HEAD_FAMILIES = (Family.MINICPM, Family.MINICPM3)
 # Replaced by what is written (quantization, rope_theta/rope_scaling) or meaningless without the remote code.
 DROPPED_CONFIG_KEYS = ("_name_or_path", "auto_map", "rope_parameters", "quantization", "quantization_config")
-BLOCK_ELEMENTS = 1 << 22  # weights quantized and packed per step (the quantizer's own chunk size)
+# Weights quantized and packed per step. A block's scales and biases (at most BLOCK_ELEMENTS / 32) are
+# copied out by ops small enough for torch to run on this thread (see cpmkit.quant.affine).
+BLOCK_ELEMENTS = 1 << 19
 EMBEDDING = "model.embed_tokens.weight"
 HEAD = "lm_head.weight"
 # transformers >= 5 cannot build a tokenizer for an unregistered model_type whose rope_scaling is longrope
 # (MLX.md §3.4): mlx_lm.load needs a placeholder config for those folders.
 TOKENIZER_WORKAROUND_TYPES = ("minicpm",)
-_HUB_CACHE_DIR = re.compile(r"models--([\w.-]+)--([\w.-]+)")
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,8 @@ def _write_job(writer: MlxFolderWriter, job: _Job, tensor: torch.Tensor) -> None
     for start in range(0, n, step):
         rows = slice(start, start + step)
         q = quantize_affine(tensor[rows], bits, group_size, job.name)
-        packed[rows], scales[rows], biases[rows] = pack_codes(q.codes, bits), q.scales, q.biases
+        pack_codes(q.codes, bits, out=packed[rows])
+        scales[rows], biases[rows] = q.scales, q.biases
     writer.write(job.name, packed)
     writer.write(f"{job.module}.scales", scales)
     writer.write(f"{job.module}.biases", biases)
@@ -253,17 +254,9 @@ def needs_tokenizer_workaround(config: dict[str, Any]) -> bool:
     return config.get("model_type") in TOKENIZER_WORKAROUND_TYPES and scaling.get("rope_type") == "longrope"
 
 
-def _hub_repo_id(root: Path) -> str | None:
-    """``org/name`` when ``root`` is a Hugging Face cache snapshot (``.../models--org--name/snapshots/<rev>``)."""
-    for part in root.resolve().parts:
-        if match := _HUB_CACHE_DIR.fullmatch(part):
-            return f"{match.group(1)}/{match.group(2)}"
-    return None
-
-
 def _write_card(folder: Path, title: str, ck: Checkpoint, config: dict[str, Any], plan_recipe: MlxRecipe | None,
                 recipe: str | None, dtype_name: str) -> None:
-    base = _hub_repo_id(ck.root)
+    base = ck.repo_id
     if plan_recipe is None:
         what = f"unquantized {dtype_name}"
     elif recipe is not None:

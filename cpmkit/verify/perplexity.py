@@ -104,10 +104,13 @@ class Divergence:
     kld_max: float
     top1_agreement: float  # fraction of positions where both argmaxes agree
     n_tokens: int
+    per_token_kld: torch.Tensor  # float64 [n_tokens], for histograms
 
 
 class DivergenceAccumulator:
-    """Feed (reference log-probs, candidate log-probs) batch by batch; read ``result()`` at the end."""
+    """Feed (reference log-probs, candidate log-probs) batch by batch; read ``result()`` at the end.
+    KL(reference || candidate) over the whole vocabulary (llama-perplexity keeps only log-probs within 16 of
+    the maximum, because it stores them compressed; the difference is below its printed precision)."""
 
     def __init__(self) -> None:
         self._kld: list[torch.Tensor] = []
@@ -116,11 +119,11 @@ class DivergenceAccumulator:
     def add(self, ref_logprobs: torch.Tensor, cand_logprobs: torch.Tensor) -> None:
         p = ref_logprobs.exp()
         kld = (p * (ref_logprobs - cand_logprobs)).sum(-1).clamp_min(0.0)  # clamp: float rounding below 0
-        self._kld.append(kld.double().flatten())
-        self._same.append((ref_logprobs.argmax(-1) == cand_logprobs.argmax(-1)).flatten())
+        self._kld.append(kld.double().flatten().cpu())
+        self._same.append((ref_logprobs.argmax(-1) == cand_logprobs.argmax(-1)).flatten().cpu())
 
     def result(self) -> Divergence:
         kld = torch.cat(self._kld)
         same = torch.cat(self._same)
         return Divergence(float(kld.mean()), float(torch.quantile(kld, 0.99)), float(kld.max()),
-                          float(same.double().mean()), kld.numel())
+                          float(same.double().mean()), kld.numel(), kld)
