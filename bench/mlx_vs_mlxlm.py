@@ -6,10 +6,17 @@ ours: no tied-head rewrite, and no LongRoPE config, on which mlx-lm's tokenizer 
 transformers 5 (MLX.md §3.4). It is written once, tensor by tensor, in bf16.
 
 Each converter runs in its own process (default recipe: 4-bit, group size 64), imports included; reported:
-wall time and peak RSS (GNU time's %e and %M of that process), and whether every tensor of the two folders
-is identical (dtype, shape and bytes).
+wall time, CPU time (user + system, less noisy than wall time on a shared machine) and peak RSS (GNU time's
+%e, %U + %S and %M of that process), the 1-minute load average around the runs, and whether every tensor of
+the two folders is identical (dtype, shape and bytes). ``--threads N`` runs cpmkit under
+``torch.set_num_threads(N)`` (the library leaves torch's settings alone).
 
-    python bench/mlx_vs_mlxlm.py [--layers 8] [--workdir /tmp/cpmkit-mlx-bench] [--repeat 1]
+``--parts`` times cpmkit's steps in this process over the checkpoint's quantized tensors instead: reading,
+``quantize_affine``, ``pack_codes``, the reader's NaN/Inf check, and ``mx.quantize`` of the same tensors
+(mlx's CPU kernel, the reference for speed) when mlx is installed; CPU time counts all threads.
+
+    python bench/mlx_vs_mlxlm.py [--layers 8] [--workdir /tmp/cpmkit-mlx-bench] [--repeat 1] [--threads N]
+    python bench/mlx_vs_mlxlm.py --parts [--bits 4] [--group-size 64] [--threads N]
 """
 
 from __future__ import annotations
@@ -21,17 +28,26 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from cpmkit import checkpoint
+from cpmkit.checkpoint import Checkpoint
+from cpmkit.convert.mlx import plan_jobs
+from cpmkit.formats import safetensors as st
 from cpmkit.formats.mlx_folder import index_tensors
+from cpmkit.formats.mlx_pack import pack_codes
 from cpmkit.formats.safetensors import StreamingWriter
+from cpmkit.quant.affine import quantize_affine
+from cpmkit.quant.mlx_recipes import UniformRecipe
 from cpmkit.spec import read_spec
 from cpmkit.testing import build_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "added_tokens.json")
-TIME = "/usr/bin/time"  # GNU time: %e wall seconds, %M peak RSS in KiB
+TIME = "/usr/bin/time"  # GNU time: %e wall seconds, %U/%S user/system CPU seconds, %M peak RSS in KiB
 
 
 def bench_config(layers: int) -> dict:
@@ -62,21 +78,35 @@ def write_checkpoint(folder: Path, config: dict) -> int:
     return sum(math.prod(s) * 2 for s in shapes.values())
 
 
-CPMKIT = ("from pathlib import Path; import sys; from cpmkit.checkpoint import Checkpoint; "
+CPMKIT = ("from pathlib import Path; import sys, torch; from cpmkit.checkpoint import Checkpoint; "
           "from cpmkit.convert.mlx import convert_to_mlx; "
+          "torch.set_num_threads(int(sys.argv[3])) if len(sys.argv) > 3 else None; "
           "convert_to_mlx(Checkpoint.open(sys.argv[1]), Path(sys.argv[2]))")
 
 
-def run(cmd: list[str], workdir: Path) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one child process, measured by /usr/bin/time: a child forked
-    from this (torch-importing) process would count this process's pages in its ru_maxrss."""
+@dataclass(frozen=True)
+class Run:
+    wall: float  # seconds
+    cpu: float  # user + system seconds
+    rss: int  # peak bytes
+    load: tuple[float, float]  # 1-minute load average before and after
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def run(cmd: list[str], workdir: Path) -> Run:
+    """One child process measured by /usr/bin/time: a child forked from this (torch-importing) process would
+    count this process's pages in its ru_maxrss."""
     report = workdir / "time.txt"
-    proc = subprocess.run([TIME, "-f", "%e %M", "-o", str(report), *cmd], stdout=subprocess.DEVNULL,
+    before = load_average()
+    proc = subprocess.run([TIME, "-f", "%e %U %S %M", "-o", str(report), *cmd], stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[:4]} failed:\n{proc.stderr.decode()[-3000:]}")
-    wall, kib = report.read_text().split()[-2:]
-    return float(wall), int(kib) * 1024
+    wall, user, system, kib = report.read_text().split()[-4:]
+    return Run(float(wall), float(user) + float(system), int(kib) * 1024, (before, load_average()))
 
 
 def warm(path: Path) -> None:
@@ -101,11 +131,60 @@ def compare(a: Path, b: Path) -> tuple[int, list[str], list[str]]:
     return same, differ, only
 
 
+class Clock:
+    """Wall and CPU (all threads of this process) seconds, summed per named step."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, list[float]] = {}
+
+    def time(self, name: str, fn, *args):
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = fn(*args)
+        total = self.totals.setdefault(name, [0.0, 0.0])
+        total[0] += time.perf_counter() - wall
+        total[1] += time.process_time() - cpu
+        return result
+
+
+def time_parts(src: Path, bits: int, group_size: int) -> None:
+    """cpmkit's per-tensor steps over the checkpoint's quantized tensors, and mx.quantize on the same input.
+    Each of the three passes reads the tensors again (from the page cache), so that no step runs while
+    another one's thread pool is still spinning."""
+    try:
+        import mlx.core as mx
+    except ImportError:
+        mx = None
+    ck = Checkpoint.open(src, allow_nonfinite=True)
+    jobs = [job for job in plan_jobs(ck.spec, UniformRecipe(bits, group_size)) if job.spec is not None]
+    refs = [ck.tensors[job.source] for job in jobs]
+    clock = Clock()
+    for ref in refs:
+        w = clock.time("read", st.read_tensor, ref.file, ref.entry)
+        q = clock.time("quantize_affine", quantize_affine, w, bits, group_size)
+        clock.time("pack_codes", pack_codes, q.codes, bits)
+    for ref in refs:
+        clock.time("NaN/Inf check (checkpoint.count_nonfinite)", checkpoint.count_nonfinite,
+                   st.read_tensor(ref.file, ref.entry))
+    for ref in refs if mx is not None else ():
+        a = mx.array(st.read_tensor(ref.file, ref.entry).view(torch.int16).numpy()).view(mx.bfloat16)  # bf16
+        mx.eval(a)
+        clock.time("mx.quantize (reference)", lambda: mx.eval(mx.quantize(a, group_size=group_size, bits=bits)))
+    elements = sum(math.prod(job.shape) for job in jobs)
+    print(f"{len(jobs)} quantized tensors, {elements / 1e6:.0f} M weights, {bits}-bit, group size {group_size}, "
+          f"torch threads {torch.get_num_threads()}, load average {load_average():.2f}")
+    for name, (wall, cpu) in clock.totals.items():
+        print(f"{name:>44}: wall {wall:6.2f} s   cpu {cpu:6.2f} s   ({1e9 * cpu / elements:5.2f} ns/weight)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/cpmkit-mlx-bench"))
     parser.add_argument("--repeat", type=int, default=1, help="runs of each converter (the best time is kept)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads in cpmkit's process (or this one)")
+    parser.add_argument("--parts", action="store_true", help="time cpmkit's steps in this process instead")
+    parser.add_argument("--bits", type=int, default=4, help="with --parts")
+    parser.add_argument("--group-size", type=int, default=64, help="with --parts")
     args = parser.parse_args()
     src = args.workdir / f"minicpm4-0.5b-shape-{args.layers}L"
     config = bench_config(args.layers)
@@ -114,26 +193,33 @@ def main() -> None:
         write_checkpoint(src, config)
     size = (src / "model.safetensors").stat().st_size
     warm(src / "model.safetensors")
+    if args.parts:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        time_parts(src, args.bits, args.group_size)
+        return
 
     outs = {"cpmkit": args.workdir / "out-cpmkit", "mlx-lm": args.workdir / "out-mlx-lm"}
-    commands = {"cpmkit": [sys.executable, "-c", CPMKIT, str(src), str(outs["cpmkit"])],
+    threads = [] if args.threads is None else [str(args.threads)]
+    commands = {"cpmkit": [sys.executable, "-c", CPMKIT, str(src), str(outs["cpmkit"]), *threads],
                 "mlx-lm": [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src), "--mlx-path",
                            str(outs["mlx-lm"]), "-q"]}
-    results: dict[str, tuple[float, int]] = {}
+    runs: dict[str, list[Run]] = {name: [] for name in commands}
     for _ in range(args.repeat):
         for name, cmd in commands.items():
             shutil.rmtree(outs[name], ignore_errors=True)
-            wall, rss = run(cmd, args.workdir)
-            best = results.get(name)
-            results[name] = (min(wall, best[0]) if best else wall, max(rss, best[1]) if best else rss)
+            runs[name].append(run(cmd, args.workdir))
     same, differ, only = compare(outs["cpmkit"], outs["mlx-lm"])
 
     largest = max(math.prod(s) * 2 for s in read_spec(config).tensor_shapes().values())
     print(f"checkpoint: {args.layers} layers, {size / 2**20:.0f} MiB bf16, largest tensor {largest / 2**20:.0f} MiB")
-    for name, (wall, rss) in results.items():
-        print(f"{name:>7}: {wall:7.2f} s   peak RSS {rss / 2**20:7.0f} MiB")
-    ratio = results["cpmkit"][0] / results["mlx-lm"][0]
-    print(f"time ratio cpmkit / mlx-lm: {ratio:.2f}")
+    best = {name: (min(r.wall for r in rs), min(r.cpu for r in rs)) for name, rs in runs.items()}
+    for name, rs in runs.items():
+        loads = ", ".join(f"{r.load[0]:.1f}-{r.load[1]:.1f}" for r in rs)
+        print(f"{name:>7}: wall {best[name][0]:7.2f} s   cpu {best[name][1]:7.2f} s   "
+              f"peak RSS {max(r.rss for r in rs) / 2**20:6.0f} MiB   (best of {len(rs)}; load average {loads})")
+    print(f"ratio cpmkit / mlx-lm: wall {best['cpmkit'][0] / best['mlx-lm'][0]:.2f}, "
+          f"cpu {best['cpmkit'][1] / best['mlx-lm'][1]:.2f}")
     print(f"tensors identical: {same}; differing: {len(differ)} {differ[:5]}; in one folder only: {only[:5]}")
 
 

@@ -86,13 +86,20 @@ def test_keeps_leading_dims_and_accepts_views(mx):
     assert torch.equal(unpack_codes(pack_codes(q.codes, 4), 4, 256), q.codes)
 
 
-def test_chunked_rows_match_one_pass(monkeypatch):
-    w = weight_rows((7, 512), torch.float32, 9)
+def test_chunks_and_steps_match_mx_quantize(mx, monkeypatch):
+    # 28 groups of 128 in steps of 3 groups and chunks of 6 (rounded 4 at a time): four full chunks, then a
+    # chunk of one full and one partial step, so every boundary of the two-pass loop is crossed.
+    w = weight_rows((7, 512), torch.float16, 9)
     whole = quantize_affine(w, 5, 128)
-    monkeypatch.setattr("cpmkit.quant.affine.CHUNK_ELEMENTS", 1024)  # 2 rows per chunk
+    monkeypatch.setattr("cpmkit.quant.affine.TORCH_GRAIN_SIZE", 3 * 128 + 1)
+    monkeypatch.setattr("cpmkit.quant.affine.CHUNK_ELEMENTS", 7 * 128)
+    monkeypatch.setattr("cpmkit.quant.affine.ROUND_GRAIN_SIZE", 4)
     chunked = quantize_affine(w, 5, 128)
+    ref_words, ref_scales, ref_biases = mx.quantize(to_mx(mx, w), group_size=128, bits=5)
+    assert torch.equal(raw_bits(pack_codes(chunked.codes, 5)), raw_bits(from_mx(mx, ref_words)))
+    assert torch.equal(raw_bits(chunked.scales), raw_bits(from_mx(mx, ref_scales)))
+    assert torch.equal(raw_bits(chunked.biases), raw_bits(from_mx(mx, ref_biases)))
     assert torch.equal(whole.codes, chunked.codes)
-    assert torch.equal(whole.scales, chunked.scales) and torch.equal(whole.biases, chunked.biases)
 
 
 def test_rejects_unsupported_settings():

@@ -22,8 +22,20 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # mlx clamps the float32 scale to this before fixing its sign (`eps` in quantize<T, U>).
 SCALE_EPS = 1e-7
-# Elements per row chunk while quantizing: bounds the float32 temporaries to a few tens of MiB.
-CHUNK_ELEMENTS = 1 << 22
+# Adding 1.5 * 2**23 to a float32 in [0, 255] rounds it to an integer half-to-even, as std::rint does, and
+# leaves that integer in the low mantissa bits: the low byte of the sum's bit pattern is the code.
+ROUND_MAGIC = 12582912.0
+# The work is cut so that every torch op runs on the calling thread. torch hands an op to its OpenMP team
+# when it has more elements than its grain size (a reduction already at that size): TORCH_GRAIN_SIZE for
+# elementwise ops, reductions and copies, ROUND_GRAIN_SIZE for torch.round (the vectorised unary kernels'
+# grain_size in ATen's UnaryOpsKernel.cpp). On a busy 2-core machine each such op waits milliseconds for
+# the second thread, far longer than its work (bench/mlx_vs_mlxlm.py --parts). So the weights are reduced
+# and coded in steps of fewer than TORCH_GRAIN_SIZE elements, and scales and biases are chosen for a chunk
+# of fewer than TORCH_GRAIN_SIZE groups whose float32 copy (at most CHUNK_ELEMENTS, 1 MiB, unless one step
+# is larger) stays cached between the two passes over it.
+TORCH_GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE
+ROUND_GRAIN_SIZE = 2048
+CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -89,27 +101,25 @@ def check_quantizable(w: torch.Tensor, group_size: int, name: str) -> None:
         )
 
 
-def _quantize_groups(
-    groups: torch.Tensor, spec: AffineSpec
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float32 groups ``(n_groups, group_size)`` -> uint8 codes, float32 scales and biases ``(n_groups,)``.
+def _choose_scales(
+    w_min: torch.Tensor, w_max: torch.Tensor, spec: AffineSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 group minima and maxima ``(n_groups,)`` -> float32 scales and biases ``(n_groups,)``.
 
     Mirrors quantize<T, U> in mlx/backend/cpu/quantized.cpp step by step; every operation is a
     single float32 operation there too, and torch.round is round-half-to-even like std::rint.
     """
-    n_bins = torch.tensor(float(spec.n_bins), dtype=torch.float32)
-    w_max = groups.amax(dim=-1)
-    w_min = groups.amin(dim=-1)
     min_is_edge = w_min.abs() > w_max.abs()
-    scale = torch.maximum((w_max - w_min) / n_bins, torch.tensor(SCALE_EPS, dtype=torch.float32))
-    scale = torch.where(min_is_edge, scale, -scale)
+    scale = (w_max - w_min).div_(spec.n_bins).clamp_min_(SCALE_EPS)
+    scale = torch.where(min_is_edge, scale, scale.neg())
     edge = torch.where(min_is_edge, w_min, w_max)
-    q0 = torch.round(edge / scale)
+    q0 = edge / scale
+    for piece in q0.split(ROUND_GRAIN_SIZE):
+        piece.round_()
     nonzero = q0 != 0
     scale = torch.where(nonzero, edge / q0, scale)
-    bias = torch.where(nonzero, edge, torch.zeros_like(edge))
-    codes = torch.round((groups - bias[:, None]) / scale[:, None]).clamp_(0, spec.n_bins)
-    return codes.to(torch.uint8), scale, bias
+    bias = torch.where(nonzero, edge, 0.0)
+    return scale, bias
 
 
 def quantize_affine(w: torch.Tensor, bits: int, group_size: int, name: str = "tensor") -> AffineQuantized:
@@ -121,26 +131,39 @@ def quantize_affine(w: torch.Tensor, bits: int, group_size: int, name: str = "te
     """
     spec = AffineSpec(bits=bits, group_size=group_size)
     check_quantizable(w, group_size, name)
-    k = w.shape[-1]
-    rows = w.reshape(-1, k)  # (R, K)
-    n_rows, groups_per_row = rows.shape[0], k // group_size
-    codes = torch.empty((n_rows, k), dtype=torch.uint8)
-    scales = torch.empty((n_rows, groups_per_row), dtype=w.dtype)
-    biases = torch.empty((n_rows, groups_per_row), dtype=w.dtype)
-    step = max(1, CHUNK_ELEMENTS // k)
-    for start in range(0, n_rows, step):
-        chunk = rows[start : start + step].to(device="cpu", dtype=torch.float32)
-        n = chunk.shape[0]
-        q, s, b = _quantize_groups(chunk.reshape(n * groups_per_row, group_size), spec)
-        codes[start : start + n] = q.reshape(n, k)
+    groups = w.reshape(-1, group_size)  # (n_groups, group_size): groups never straddle rows
+    n_groups = groups.shape[0]
+    codes = torch.empty((n_groups, group_size), dtype=torch.uint8)
+    scales = torch.empty(n_groups, dtype=w.dtype)
+    biases = torch.empty(n_groups, dtype=w.dtype)
+    step = max(1, (TORCH_GRAIN_SIZE - 1) // group_size)  # groups per step
+    chunk = step * max(1, min(TORCH_GRAIN_SIZE - 1, CHUNK_ELEMENTS // group_size) // step)  # groups per chunk
+    work = torch.empty((min(chunk, n_groups), group_size), dtype=torch.float32)
+    w_min = torch.empty(len(work), dtype=torch.float32)
+    w_max = torch.empty_like(w_min)
+    for start in range(0, n_groups, chunk):
+        n = min(chunk, n_groups - start)
+        blocks = work[:n].split(step)
+        for block, source, lo, hi in zip(blocks, groups[start : start + n].split(step), w_min[:n].split(step),
+                                         w_max[:n].split(step)):
+            block.copy_(source)
+            torch.amin(block, dim=1, out=lo)
+            torch.amax(block, dim=1, out=hi)
+        scale, bias = _choose_scales(w_min[:n], w_max[:n], spec)
+        for block, s, b, dst in zip(blocks, scale[:, None].split(step), bias[:, None].split(step),
+                                    codes[start : start + n].split(step)):
+            # min(max(rint((w - bias) / scale), 0), n_bins) as in quantize<T, U>: clamping before rounding
+            # gives the same integer, as both bounds are integers.
+            block.sub_(b).div_(s).clamp_(0, spec.n_bins).add_(ROUND_MAGIC)
+            dst.copy_(block.view(torch.int32))  # int32 -> uint8 keeps the low byte: the code
         # Cast once, from the final float32 values, as mlx's static_cast<T> does.
-        scales[start : start + n] = s.reshape(n, groups_per_row).to(w.dtype)
-        biases[start : start + n] = b.reshape(n, groups_per_row).to(w.dtype)
-    lead = tuple(w.shape[:-1])
+        scales[start : start + n].copy_(scale)
+        biases[start : start + n].copy_(bias)
+    lead, k = tuple(w.shape[:-1]), w.shape[-1]
     return AffineQuantized(
         codes=codes.reshape(*lead, k),
-        scales=scales.reshape(*lead, groups_per_row),
-        biases=biases.reshape(*lead, groups_per_row),
+        scales=scales.reshape(*lead, k // group_size),
+        biases=biases.reshape(*lead, k // group_size),
         spec=spec,
     )
 
