@@ -39,8 +39,15 @@ def _emit_json(payload: dict[str, Any]) -> None:
 
 @click.group(cls=_Cli)
 @click.version_option(package_name="cpmkit")
-def cli() -> None:
+@click.option("--threads", type=click.IntRange(min=1), envvar="CPMKIT_THREADS",
+              help="CPU threads for torch (default: torch's own choice; 1 is fastest for small models on a busy "
+                   "machine)")
+def cli(threads: int | None) -> None:
     """Convert, quantize and verify OpenBMB MiniCPM checkpoints."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 @cli.command(help=f"Show what a checkpoint is and which formats it can become. PATH: {PATH_HELP}.")
