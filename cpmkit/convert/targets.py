@@ -40,9 +40,11 @@ def _gguf(spec: ModelSpec, ternary: TernaryGranularity | None) -> str | None:
 
 @target("gguf-ternary")
 def _gguf_ternary(spec: ModelSpec, ternary: TernaryGranularity | None) -> str | None:
-    reason = _gguf(spec, ternary)
-    if reason:
-        return reason
+    return _gguf(spec, ternary) or ternary_block_reason(ternary)
+
+
+def ternary_block_reason(ternary: TernaryGranularity | None) -> str | None:
+    """Why weights of this ternary granularity (None: not ternary) do not fit TQ1_0/TQ2_0 exactly."""
     if ternary is None:
         return "TQ1_0/TQ2_0 are lossless only for ternary weights; this checkpoint's linears are not ternary"
     if ternary.group_size is not None and ternary.group_size < 256:
