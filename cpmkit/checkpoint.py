@@ -7,7 +7,6 @@ at a time, so peak memory stays near the largest tensor.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -19,6 +18,7 @@ import torch
 from cpmkit.errors import CpmkitError
 from cpmkit.formats import safetensors as st
 from cpmkit.formats.torch_bin import load_state_dict
+from cpmkit.jsonfile import read_json_object
 from cpmkit.spec import DROPPED_TENSOR_SUFFIXES, ModelSpec, read_spec
 
 DEMO_NAME = "demo"
@@ -91,7 +91,8 @@ class Checkpoint:
         self.allow_nonfinite = allow_nonfinite
         if not root.is_dir():
             raise CpmkitError(f"{root}: not a checkpoint folder (expected a directory with config.json)")
-        self.config = _read_json(root / "config.json")
+        self.config = read_json_object(root / "config.json",
+                                       missing="not found; a checkpoint folder needs config.json")
         self.spec: ModelSpec = read_spec(self.config, str(root / "config.json"))
         found = _index_weights(root)
         self.tensors, self.dropped = _check_against_spec(found, self.spec, root)
@@ -125,6 +126,7 @@ class Checkpoint:
                     open_bin = (ref.file, load_state_dict(ref.file))
                 tensor = open_bin[1][name]
             yield name, self._checked(name, ref.file, tensor)
+            del tensor  # else the generator holds the last tensor while it reads the next
 
     def _checked(self, name: str, file: Path, tensor: torch.Tensor) -> torch.Tensor:
         if not self.allow_nonfinite and (bad := count_nonfinite(tensor)):
@@ -155,24 +157,12 @@ def count_nonfinite(tensor: torch.Tensor) -> int:
     return bad
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CpmkitError(f"{path}: not found; a checkpoint folder needs config.json")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CpmkitError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CpmkitError(f"{path}: expected a JSON object")
-    return data
-
-
 def _index_weights(root: Path) -> dict[str, WeightRef]:
     """Find the weight files (sharded or single, safetensors preferred over .bin) and index every tensor."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index_path = root / index_name
         if index_path.is_file():
-            weight_map = _read_json(index_path).get("weight_map")
+            weight_map = read_json_object(index_path).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CpmkitError(f"{index_path}: no 'weight_map' object")
             files = sorted(set(weight_map.values()))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cpmkit.errors import CpmkitError
+from cpmkit.jsonfile import read_json_object
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class SpecialTokens:
 class Tokenizer:
     def __init__(self, root: Path, model_config: dict[str, Any] | None = None):
         self.root = root
-        self.config = _json(root / "tokenizer_config.json")
+        self.config = read_json_object(root / "tokenizer_config.json", required=False)
         self.json_path = root / "tokenizer.json"
         self.sp_path = root / "tokenizer.model"
         if self.json_path.is_file():
@@ -94,7 +95,8 @@ class Tokenizer:
         eos = model_config.get("eos_token_id", resolve("eos_token"))
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         added = {int(i): t["content"] for i, t in self.config.get("added_tokens_decoder", {}).items()}
-        added.update({int(i): t for t, i in _json(self.root / "added_tokens.json").items()})
+        added_json = read_json_object(self.root / "added_tokens.json", required=False)
+        added.update({int(i): t for t, i in added_json.items()})
         default_bos = self._sp is not None or self._post_processor_adds_bos()
         return SpecialTokens(bos_id=bos, eos_ids=eos_ids, unk_id=resolve("unk_token"), pad_id=resolve("pad_token"),
                              add_bos=bool(self.config.get("add_bos_token", default_bos)), added=added)
@@ -102,13 +104,3 @@ class Tokenizer:
     def _post_processor_adds_bos(self) -> bool:
         post = json.loads(self._hf.to_str()).get("post_processor") or {}
         return post.get("type") == "TemplateProcessing" and "SpecialToken" in (post.get("single") or [{}])[0]
-
-
-def _json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CpmkitError(f"{path}: not valid JSON ({e})") from None
-    return data if isinstance(data, dict) else {}

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from cpmkit.errors import CpmkitError
+from cpmkit.jsonfile import read_json_object
 from cpmkit.formats import safetensors as st
 from cpmkit.quant.affine import AffineSpec
 
@@ -215,16 +216,7 @@ def write_model_card(folder: Path, *, title: str, summary: str, usage: str, base
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    path = folder / CONFIG_NAME
-    if not path.is_file():
-        raise CpmkitError(f"{folder}: not an MLX model folder (no {CONFIG_NAME})")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CpmkitError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise CpmkitError(f"{path}: expected a JSON object")
-    return config
+    return read_json_object(folder / CONFIG_NAME, missing="not found; not an MLX model folder")
 
 
 @dataclass(frozen=True)

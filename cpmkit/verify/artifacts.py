@@ -20,11 +20,11 @@ from torch import nn
 from cpmkit.errors import CpmkitError
 from cpmkit.formats import mlx_folder
 from cpmkit.formats import safetensors as st
+from cpmkit.formats.gguf.file import is_gguf_file
 from cpmkit.kernels import Backend, QuantLinear
 from cpmkit.spec import ModelSpec
 from cpmkit.verify.models import CausalLM
 
-GGUF_MAGIC = b"GGUF"
 MLX_METADATA_FORMAT = "mlx"  # safetensors __metadata__ "format" of files mlx writes
 
 
@@ -110,13 +110,6 @@ def quantized_linears(model: nn.Module) -> dict[str, QuantLinear]:
 
 
 # ---- GGUF ------------------------------------------------------------------------------------------------
-
-def _gguf_detect(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    with open(path, "rb") as f:
-        return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
-
 
 def _gguf_load(path: Path, reference_spec: ModelSpec, options: LoadOptions) -> CausalLM:
     from cpmkit.verify.load_gguf import load_gguf_model
@@ -205,7 +198,7 @@ def _mlx_weight_type(module: QuantLinear) -> str:
     return f"mlx{module.fmt.bits}g{module.fmt.group_size}"
 
 
-register_format(ArtifactFormat("gguf", "a GGUF file (starting with the bytes GGUF)", _gguf_detect, _gguf_load,
+register_format(ArtifactFormat("gguf", "a GGUF file (starting with the bytes GGUF)", is_gguf_file, _gguf_load,
                                _gguf_describe, _gguf_weight_type))
 register_format(ArtifactFormat("mlx", "an MLX folder (config.json with 'quantization', or safetensors with "
                                "format=mlx)", _mlx_detect, _mlx_load, _mlx_describe, _mlx_weight_type))

@@ -28,6 +28,16 @@ from cpmkit.errors import CpmkitError
 from cpmkit.formats.gguf.layout import layout
 
 V = GGUFValueType
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf_file(path: str | Path) -> bool:
+    """True when ``path`` is a file that starts with the GGUF magic."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ config.json ``*_token_id``; list-valued ids such as MiniCPM4's ``eos_token_id: [
 
 from __future__ import annotations
 
-import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from gguf import Keys, SpecialVocab, TokenType
 
 from cpmkit.errors import CpmkitError
 from cpmkit.formats.gguf.file import Metadata
-from cpmkit.tokenizer import _json  # optional JSON object file: {} when absent, CpmkitError when invalid
+from cpmkit.jsonfile import read_json_object
 
 PAD_SCORE = -10000.0  # score of a slot no tokenizer piece fills
 ADDED_SCORE = -1000.0  # score of an added (control / user-defined) token
@@ -65,7 +64,7 @@ def add_sentencepiece_vocab(meta: Metadata, root: Path, config: dict[str, Any]) 
 def add_llama_vocab(meta: Metadata, root: Path, config: dict[str, Any]) -> None:
     """``LlamaModel.set_vocab``: add_space_prefix from tokenizer_config, then SentencePiece when
     tokenizer.model exists, else the byte-level BPE of tokenizer.json (MiniCPM5)."""
-    add_prefix = _json(root / "tokenizer_config.json").get("add_prefix_space")
+    add_prefix = read_json_object(root / "tokenizer_config.json", required=False).get("add_prefix_space")
     if add_prefix is not None:
         meta.add(Keys.Tokenizer.ADD_PREFIX, add_prefix)
     if (root / "tokenizer.model").is_file():
@@ -76,12 +75,12 @@ def add_llama_vocab(meta: Metadata, root: Path, config: dict[str, Any]) -> None:
 
 def add_bpe_vocab(meta: Metadata, root: Path, config: dict[str, Any]) -> None:
     """``_set_vocab_gpt2``: tokens and types, then merges and special tokens."""
-    tokenizer_json = _json(root / "tokenizer.json")
+    tokenizer_json = read_json_object(root / "tokenizer.json", required=False)
     if not tokenizer_json:
         raise CpmkitError(f"{root}: no tokenizer.model or tokenizer.json to build the GGUF vocabulary from")
     tokens, types = _bpe_tokens(root, config)
     meta.add(Keys.Tokenizer.MODEL, "gpt2")
-    meta.add(Keys.Tokenizer.PRE, bpe_pre_tokenizer(root / "tokenizer.json", tokenizer_json, tokens))
+    meta.add(Keys.Tokenizer.PRE, bpe_pre_tokenizer(root / "tokenizer.json", tokenizer_json))
     meta.add(Keys.Tokenizer.LIST, tokens)
     meta.add(Keys.Tokenizer.TOKEN_TYPE, types)
     _add_special(meta, SpecialVocab(root, load_merges=True))
@@ -113,10 +112,10 @@ def _sentencepiece_tokens(root: Path, config: dict[str, Any]) -> tuple[list[byte
         tokens[i] = sp.IdToPiece(i).encode("utf-8")
         scores[i] = sp.GetScore(i)
         types[i] = int(_piece_type(sp, i))
-    for text, i in _json(root / "added_tokens.json").items():
+    for text, i in read_json_object(root / "added_tokens.json", required=False).items():
         if i < vocab_size:
             tokens[i], scores[i], types[i] = text.encode("utf-8"), ADDED_SCORE, int(TokenType.USER_DEFINED)
-    decoder = _json(root / "tokenizer_config.json").get("added_tokens_decoder", {})
+    decoder = read_json_object(root / "tokenizer_config.json", required=False).get("added_tokens_decoder", {})
     for key, data in decoder.items():
         i = int(key)
         if i >= vocab_size:
@@ -173,11 +172,11 @@ def _bpe_tokens(root: Path, config: dict[str, Any]) -> tuple[list[str], list[int
     return tokens, types
 
 
-def bpe_pre_tokenizer(path: Path, tokenizer_json: dict[str, Any], tokens: list[str]) -> str:
+def bpe_pre_tokenizer(path: Path, tokenizer_json: dict[str, Any]) -> str:
     """The llama.cpp pre-tokenizer that splits text as tokenizer.json's pre_tokenizer does."""
     found = _split_regexes(tokenizer_json.get("pre_tokenizer") or {})
     for name, regexes in BPE_PRE_TOKENIZERS.items():
-        if found == regexes or _same_after_digit_split(found, regexes, tokens):
+        if found == regexes:
             return name
     raise CpmkitError(f"{path}: its pre-tokenizer ({' then '.join(found) or 'none'}) is not one llama.cpp "
                       f"implements for this family (known: {', '.join(BPE_PRE_TOKENIZERS)}); llama.cpp would "
@@ -187,42 +186,6 @@ def bpe_pre_tokenizer(path: Path, tokenizer_json: dict[str, Any], tokens: list[s
 def _split_regexes(pre: dict[str, Any]) -> tuple[str, ...]:
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     return tuple(s["pattern"]["Regex"] for s in steps if s.get("type") == "Split" and "Regex" in s.get("pattern", {}))
-
-
-def _same_after_digit_split(found: tuple[str, ...], known: tuple[str, ...], tokens: list[str]) -> bool:
-    # After an isolated \p{N}{1,3} split, a word regex taking digits one at a time (\p{N}) or in a run
-    # (\p{N}+) yields the same token ids exactly when no token is a run of two or more numerals: such a
-    # run is then never a token itself, and merges inside it can only build numeral runs.
-    if len(found) != len(known) or not found or found[0] != known[0]:
-        return False
-    if tuple(r.replace(r"|\p{N}|", r"|\p{N}+|") for r in found) != known:
-        return False
-    return not any(_numeral_run(_byte_level_text(t)) for t in tokens)
-
-
-def _byte_level_text(token: str) -> str:
-    raw = bytes(_BYTE_LEVEL_DECODE.get(c, 0x20) for c in token)
-    return raw.decode("utf-8", errors="replace")
-
-
-def _numeral_run(text: str) -> bool:
-    return len(text) >= 2 and all(unicodedata.numeric(c, None) is not None for c in text)
-
-
-def _byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's byte-to-printable-character map, inverted (tokenizers' ByteLevel ``bytes_char``)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
-
-
-_BYTE_LEVEL_DECODE = _byte_level_alphabet()
 
 
 def _add_special(meta: Metadata, special: SpecialVocab) -> None:
