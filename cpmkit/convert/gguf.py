@@ -34,7 +34,7 @@ from gguf import GGUFWriter, Keys, Metadata as ModelCard, size_label
 
 from cpmkit.checkpoint import Checkpoint
 from cpmkit.convert import gguf_mix
-from cpmkit.convert.atomic import atomic_file
+from cpmkit.atomic import atomic_file
 from cpmkit.convert.families import GGUFFamily, gguf_family, permute_rows, rope_factor_tensors
 from cpmkit.convert.gguf_imatrix import importance
 from cpmkit.convert.gguf_quantize import quantize_tensor

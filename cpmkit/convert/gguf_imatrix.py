@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 import torch
 
 from cpmkit.checkpoint import Checkpoint
-from cpmkit.convert.atomic import atomic_file
+from cpmkit.atomic import atomic_file
 from cpmkit.convert.families import gguf_family
 from cpmkit.errors import CpmkitError
 from cpmkit.formats.gguf.imatrix import ImatrixData, ImatrixEntry, write_imatrix

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from cpmkit.checkpoint import Checkpoint
-from cpmkit.convert.atomic import atomic_dir
+from cpmkit.atomic import atomic_dir
 from cpmkit.convert.targets import TARGETS
 from cpmkit.errors import CpmkitError
 from cpmkit.formats import mlx_folder

@@ -36,7 +36,7 @@ from typing import Any
 
 from cpmkit import __version__
 from cpmkit.checkpoint import DEMO_NAME, Checkpoint, is_hub_id
-from cpmkit.convert.atomic import atomic_dir, atomic_file
+from cpmkit.atomic import atomic_dir, atomic_file
 from cpmkit.convert.release_card import CardFacts, model_card
 from cpmkit.convert.release_hub import HubDestination, check_push, upload_folder
 from cpmkit.convert.release_recipe import ReleaseOptions, release_options
@@ -258,7 +258,7 @@ def _artifact_config(artifact: Path) -> dict[str, Any]:
 
 
 def _remove_partials(outdir: Path, names: list[str]) -> None:
-    """Temporary folders and files a killed run left (``.<name>.<random>.partial``, from cpmkit.convert.atomic)."""
+    """Temporary folders and files a killed run left (``.<name>.<random>.partial``, from cpmkit.atomic)."""
     for name in [*names, MANIFEST, *REPORTS]:
         for leftover in outdir.glob(f".{name}.*.partial"):
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()

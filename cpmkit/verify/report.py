@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from cpmkit import __version__
-from cpmkit.convert.atomic import atomic_file
+from cpmkit.atomic import atomic_file
 from cpmkit.errors import CpmkitError
 
 SCHEMA_NAME = "cpmkit.verify"

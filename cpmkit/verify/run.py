@@ -32,7 +32,7 @@ import torch
 
 from cpmkit import __version__
 from cpmkit.checkpoint import Checkpoint
-from cpmkit.convert.atomic import atomic_file
+from cpmkit.atomic import atomic_file
 from cpmkit.errors import CpmkitError
 from cpmkit.kernels import Backend
 from cpmkit.tokenizer import Tokenizer
