@@ -201,6 +201,18 @@ def _colours(report: Report) -> dict[str, str]:
     return {a.name: PALETTE[i % len(PALETTE)] for i, a in enumerate(report.artifacts)}
 
 
+# Past the palette's eight colours, lines repeat a colour with a dash pattern so every artifact stays distinct.
+DASHES = ("", "6 3", "2 3")
+
+
+def _dashes(report: Report) -> dict[str, str]:
+    return {a.name: DASHES[(i // len(PALETTE)) % len(DASHES)] for i, a in enumerate(report.artifacts)}
+
+
+def _dash_style(dash: str) -> str:
+    return f' stroke-dasharray="{dash}"' if dash else ""
+
+
 # ---- plots -----------------------------------------------------------------------------------------------
 
 def _place_labels(points: list[tuple[float, float, str]], bounds: tuple[float, float, float, float],
@@ -286,27 +298,28 @@ def _kld_distribution_plot(report: Report) -> str:
     xticks = [(float(i), _power_label(10, round(math.log10(edges[i])))) for i in range(0, n_bins + 1, per_decade)]
     xticks += [(sum(under) / 2, f"<{xticks[0][1]}"), (sum(over) / 2, f"≥{xticks[-1][1]}")]
     body = _axes(xs, ys, "KL divergence per token (nats), log-spaced bins", "share of tokens per bin (%)", xticks)
-    colours = _colours(report)
+    colours, dashes = _colours(report), _dashes(report)
     for a in report.artifacts:
         s = shares[a.name]
         steps = [(xs(0), ys(0))]
         for i, share in enumerate(s[1:-1]):
             steps += [(xs(i), ys(share)), (xs(i + 1), ys(share))]
         steps.append((xs(n_bins), ys(0)))
-        paint = f'fill="none" stroke="{colours[a.name]}" stroke-width="2" stroke-linejoin="round"'
+        paint = (f'fill="none" stroke="{colours[a.name]}" stroke-width="2" stroke-linejoin="round"'
+                 f'{_dash_style(dashes[a.name])}')
         body.append(f'<polyline points="{" ".join(f"{_n(x)},{_n(y)}" for x, y in steps)}" {paint}/>')
         for (x0, x1), share in ((under, s[0]), (over, s[-1])):
             body.append(_line(xs(x0), ys(share), xs(x1), ys(share), style=f' stroke="{colours[a.name]}" '
                               'stroke-width="2.5"'))
-    body += _legend([(a.name, colours[a.name]) for a in report.artifacts], right + 24, top + 6)
+    body += _legend([(a.name, colours[a.name], dashes[a.name]) for a in report.artifacts], right + 24, top + 6)
     return _svg(width, height, "distribution of per-token KL divergence", body)
 
 
-def _legend(entries: list[tuple[str, str]], x: float, y: float) -> list[str]:
+def _legend(entries: list[tuple[str, str, str]], x: float, y: float) -> list[str]:
     out = []
-    for i, (label, colour) in enumerate(entries):
+    for i, (label, colour, dash) in enumerate(entries):
         yy = y + 20 * i
-        out += [_line(x, yy, x + 20, yy, style=f' stroke="{colour}" stroke-width="3"'),
+        out += [_line(x, yy, x + 20, yy, style=f' stroke="{colour}" stroke-width="3"{_dash_style(dash)}'),
                 _text(x + 27, yy + 4, label)]
     return out
 
@@ -315,7 +328,7 @@ def _throughput_plot(report: Report, stage: str) -> str:
     """Horizontal bars: the artifact's tokens/s, and BF16's on the same device in grey beneath."""
     timed = [a for a in report.artifacts if a.speed is not None and a.speed.end_to_end is not None]
     width, row = 540, 40
-    left, right, top = 112, width - 24, 12
+    left, right, top = 136, width - 24, 12
     bottom = top + row * len(timed)
     rates = [(a, getattr(a.speed.end_to_end, f"{stage}_tok_s"), getattr(a.speed.end_to_end, f"bf16_{stage}_tok_s"))
              for a in timed]
