@@ -33,6 +33,14 @@ class Scales:
     residual: float = 1.0  # scale_depth / sqrt(L): multiplies each branch before the residual add
     logit_divisor: float = 1.0  # hidden / dim_model_base: divides the final hidden state before lm_head
 
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> "Scales":
+        """The scalars of ``spec``'s muP settings (MiniCPM, MiniCPM3); all 1 without them (Llama)."""
+        if spec.mup is None:
+            return cls()
+        return cls(embedding=spec.mup.scale_emb, residual=spec.mup.residual_scale(spec.num_layers),
+                   logit_divisor=spec.mup.logit_divisor(spec.hidden_size))
+
 
 class Backbone(nn.Module):
     """``model.*``: embedding, decoder layers, final norm."""

@@ -62,7 +62,6 @@ class Model(CausalLM):
     def __init__(self, spec: ModelSpec, *, linear_factory: LinearFactory | None = None,
                  dtype: torch.dtype = torch.float32):
         assert spec.mup is not None
-        scales = Scales(embedding=spec.mup.scale_emb, residual=spec.mup.residual_scale(spec.num_layers),
-                        logit_divisor=spec.mup.logit_divisor(spec.hidden_size))
+        scales = Scales.from_spec(spec)
         super().__init__(spec, attention=dense_attention, mlp=_mlp, scales=scales, linear_factory=linear_factory,
                          dtype=dtype)

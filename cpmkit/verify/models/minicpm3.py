@@ -55,8 +55,7 @@ class Model(CausalLM):
     def __init__(self, spec: ModelSpec, *, linear_factory: LinearFactory | None = None,
                  dtype: torch.dtype = torch.float32):
         assert spec.mup is not None
-        scales = Scales(embedding=spec.mup.scale_emb, residual=spec.mup.residual_scale(spec.num_layers),
-                        logit_divisor=spec.mup.logit_divisor(spec.hidden_size))
+        scales = Scales.from_spec(spec)
         super().__init__(spec, scales=scales, linear_factory=linear_factory, dtype=dtype,
                          attention=lambda s, i, linear: MLAttention(s, i, linear, dtype),
                          mlp=lambda s, i, linear: GatedMLP(s.hidden_size, s.intermediate_size,
