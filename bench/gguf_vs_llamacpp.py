@@ -4,7 +4,7 @@ Run by hand (heavy: a ~2.2 GB bf16 checkpoint is generated once under --work):
 
     python bench/gguf_vs_llamacpp.py [--work /tmp/cpmkit-bench-gguf] [--layers 24] [--vocab 130560] [--type Q4_K_M]
 
-Each step runs in its own process, timed (wall) with its peak RSS taken from ``wait4``:
+Each step runs in its own process, timed (wall), with the peak memory (PSS) of that process and the\nworker processes it starts:
 
 * cpmkit: ``convert_to_gguf(checkpoint, Q4_K_M)``, one streaming pass;
 * llama.cpp: cpmkit's BF16 GGUF write (byte-identical to ``convert_hf_to_gguf.py --outtype bf16``, see
@@ -68,15 +68,46 @@ def make_checkpoint(folder: Path, layers: int, vocab: int) -> Path:
     return folder
 
 
+def _process_tree(root: int) -> list[int]:
+    """``root`` and every process descended from it (cpmkit's quantizer workers are grandchildren)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    tree = [root]
+    for pid in tree:
+        tree.extend(children.get(pid, []))
+    return tree
+
+
+def _pss_kib(pid: int) -> int:
+    """Proportional set size: pages shared between processes (the workers' torch) are counted once."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def timed(args: list[str]) -> tuple[float, float]:
-    """Run this script with ``args`` in a child process: (wall seconds, peak RSS in GiB)."""
+    """Run this script with ``args`` in a child process: (wall seconds, peak memory in GiB of the child and
+    all its descendants together, as PSS sampled every 0.1 s)."""
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, __file__, *args])
-    _, status, usage = os.wait4(proc.pid, 0)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, sum(_pss_kib(pid) for pid in _process_tree(proc.pid)))
+        time.sleep(0.1)
     seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
+    if proc.returncode != 0:
         raise SystemExit(f"step {args[:2]} failed")
-    return seconds, usage.ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+    return seconds, peak / 2**20
 
 
 def step_convert(checkpoint: Path, out: Path, file_type: str) -> None:
@@ -117,17 +148,18 @@ def main() -> None:
     ck = make_checkpoint(args.work / f"minicpm5-1b-{args.layers}l-{args.vocab}v", args.layers, args.vocab)
     size_gb = (ck / "model.safetensors").stat().st_size / 2**30
     print(f"checkpoint {ck}: {size_gb:.2f} GiB bf16, {args.layers} layers, vocab {args.vocab}, torch threads {torch.get_num_threads()}, "
-          f"{os.cpu_count()} cpus")
+          f"{os.cpu_count()} cpus, load average {os.getloadavg()[0]:.2f}")
     ours, bf16, theirs = (args.work / f"{n}.gguf" for n in ("cpmkit-" + args.type, "cpmkit-bf16", "llama-" + args.type))
-    t_ours, rss_ours = timed(["--type", args.type, "--step", "convert", str(ck), str(ours)])
-    t_bf16, rss_bf16 = timed(["--type", "BF16", "--step", "convert", str(ck), str(bf16)])
-    t_quant, rss_quant = timed(["--type", args.type, "--step", "quantize", str(bf16), str(theirs)])
-    print(f"cpmkit one pass  HF -> {args.type}: {t_ours:8.1f} s, peak RSS {rss_ours:5.2f} GiB")
-    print(f"llama.cpp path   HF -> BF16 (cpmkit): {t_bf16:8.1f} s, peak RSS {rss_bf16:5.2f} GiB")
-    print(f"                 BF16 -> {args.type} (llama_model_quantize): {t_quant:8.1f} s, peak RSS "
-          f"{rss_quant:5.2f} GiB")
+    t_ours, mem_ours = timed(["--type", args.type, "--step", "convert", str(ck), str(ours)])
+    t_bf16, mem_bf16 = timed(["--type", "BF16", "--step", "convert", str(ck), str(bf16)])
+    t_quant, mem_quant = timed(["--type", args.type, "--step", "quantize", str(bf16), str(theirs)])
+    print(f"cpmkit one pass  HF -> {args.type}: {t_ours:8.1f} s, peak memory {mem_ours:5.2f} GiB")
+    print(f"llama.cpp path   HF -> BF16 (cpmkit): {t_bf16:8.1f} s, peak memory {mem_bf16:5.2f} GiB")
+    print(f"                 BF16 -> {args.type} (llama_model_quantize): {t_quant:8.1f} s, "
+          f"peak memory {mem_quant:5.2f} GiB")
     print(f"time ratio cpmkit / llama.cpp path: {t_ours / (t_bf16 + t_quant):.2f} "
-          f"(target <= 1); peak RSS {rss_ours / size_gb:.0%} of the checkpoint size")
+          f"(target <= 1); peak memory {mem_ours / size_gb:.0%} of the checkpoint size")
+    print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"{args.type} files byte-identical: {filecmp.cmp(ours, theirs, shallow=False)}")
     subprocess.run([sys.executable, str(ROOT / "bench" / "gguf_quant_throughput.py"), "--repeat", "2",
                     "--rows", str(MINICPM5_1B["intermediate_size"]), "--cols", str(MINICPM5_1B["hidden_size"])],

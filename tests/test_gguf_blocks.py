@@ -7,7 +7,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QType
 
-from cpmkit.convert.gguf_quantize import dequantize_tensor, quantize_tensor
+from cpmkit.convert import gguf_quantize
+from cpmkit.convert.gguf_quantize import QuantizeWorkers, dequantize_tensor, quantize_tensor
 from cpmkit.errors import CpmkitError
 from cpmkit.formats.gguf.blocks import block_type, dequantize
 from cpmkit.formats.gguf.layout import BLOCKS
@@ -111,3 +112,19 @@ def test_moe_tensor_quantizes_expert_by_expert_with_its_imatrix_slice():
     both = quantize_tensor(w, QType.Q4_K, imatrix)
     for e in range(2):
         assert torch.equal(both[e], quantize_tensor(w[e], QType.Q4_K, imatrix[e]))
+
+
+def test_worker_processes_write_the_same_bytes_and_report_bad_rows(monkeypatch):
+    """Worker processes quantize tasks of rows (here 4 rows each, so a 3-D tensor with imatrix spreads over
+    many); the bytes equal the in-process ones, and NaN in a worker's task surfaces as the one-line error."""
+    monkeypatch.setattr(gguf_quantize, "TASK_ELEMENTS", 4 * 256)
+    w = real_shaped(256, rows=24, seed=5).to(torch.bfloat16).reshape(2, 12, 256)
+    imatrix = torch.rand(2, 256, generator=torch.Generator().manual_seed(4)) + 0.1
+    with QuantizeWorkers(2) as pool:
+        for qtype in (QType.Q4_K, QType.Q6_K, QType.Q8_0):
+            pooled = np.concatenate(list(pool.submit(w, qtype, imatrix)))
+            assert np.array_equal(pooled, quantize_tensor(w, qtype, imatrix).reshape(24, -1).numpy())
+        bad = w.clone()
+        bad[1, 9, 3] = float("inf")
+        with pytest.raises(CpmkitError, match=r"blk.0.ffn_up_exps.weight: contains NaN or Inf \(rows 8..11\)"):
+            list(pool.submit(bad, QType.Q4_K, name="blk.0.ffn_up_exps.weight"))

@@ -37,7 +37,7 @@ from cpmkit.convert import gguf_mix
 from cpmkit.atomic import atomic_file
 from cpmkit.convert.families import GGUFFamily, gguf_family, permute_rows, rope_factor_tensors
 from cpmkit.convert.gguf_imatrix import importance
-from cpmkit.convert.gguf_quantize import quantize_tensor
+from cpmkit.convert.gguf_quantize import QuantizeWorkers
 from cpmkit.convert.targets import TARGETS, ternary_block_reason
 from cpmkit.errors import CpmkitError
 from cpmkit.formats.gguf.file import GGUFFileWriter, Metadata, TensorSlot, read_gguf
@@ -51,7 +51,6 @@ GGML_QUANT_VERSION = 2
 FLOAT_TYPES = {QType.F32, QType.F16, QType.BF16}
 TERNARY_TYPES = {QType.TQ1_0, QType.TQ2_0}
 IMATRIX_STRING_LIMIT = 127  # quantize.cpp copies the imatrix file/dataset names into char[128] overrides
-QUANT_CHUNK_WEIGHTS = 1 << 22  # weights quantized per call: 16 MiB of float32
 
 
 @dataclass(frozen=True)
@@ -94,13 +93,13 @@ def convert_to_gguf(ck: Checkpoint, out_path: str | Path, *, file_type: str, ima
     with atomic_file(out_path, overwrite=overwrite) as tmp:
         # one stream in plan order: a .bin shard stays open while consecutive tensors come from it
         stream = ck.stream([hf for p in plan for hf in p.sources])
-        with GGUFFileWriter(tmp, metadata, [p.slot for p in plan]) as writer:
+        with QuantizeWorkers() as workers, GGUFFileWriter(tmp, metadata, [p.slot for p in plan]) as writer:
             for p in progress(plan):
                 data = _assembled(p, [next(stream)[1] for _ in p.sources]) if p.sources else generated[p.name]
                 weights = importance(imatrix, p.name, p.shape) if imatrix is not None else None
                 if ftype.default_type in TERNARY_TYPES and p.qtype in TERNARY_TYPES:
                     _check_ternary(p, data)
-                writer.write(p.name, _encoded(data, p.qtype, weights, p.name))
+                writer.write(p.name, _encoded(workers, data, p.qtype, weights, p.name))
                 del data  # before the next tensor is read: one checkpoint tensor in memory at a time
     return out_path
 
@@ -113,18 +112,13 @@ def file_type_named(name: str) -> gguf_mix.GGUFFileType:
         raise CpmkitError(f"GGUF file type {name!r} is not supported; supported: {supported}") from None
 
 
-def _encoded(data: torch.Tensor, qtype: QType, weights: torch.Tensor | None, name: str) -> Iterator[torch.Tensor]:
-    """The tensor's bytes in row chunks of at most ``QUANT_CHUNK_WEIGHTS`` (a 3-D tensor expert by expert,
-    each with its slice of the importance weights, as llama-quantize does), so float32 copies stay small.
-    Rows are quantized independently, so chunking does not change a byte."""
-    matrices = data.reshape(-1, data.shape[-1])[None] if data.dim() < 3 else data  # [n_mat, rows, cols]
-    cols = matrices.shape[-1]
-    per_matrix = None if weights is None else weights.reshape(matrices.shape[0], cols)
-    step = max(1, QUANT_CHUNK_WEIGHTS // cols)
-    for e, matrix in enumerate(matrices):
-        for start in range(0, matrix.shape[0], step):
-            yield quantize_tensor(matrix[start : start + step], qtype, None if per_matrix is None else per_matrix[e],
-                                  name=name)
+def _encoded(workers: QuantizeWorkers, data: torch.Tensor, qtype: QType, weights: torch.Tensor | None,
+             name: str) -> Iterator[torch.Tensor]:
+    """The tensor's bytes in row chunks, quantized on ``workers`` (a 3-D tensor expert by expert, each with
+    its slice of the importance weights, as llama-quantize does). Rows are quantized independently, so
+    chunking does not change a byte."""
+    matrix = data if data.dim() in (2, 3) else data.reshape(-1, data.shape[-1])
+    return (torch.from_numpy(chunk) for chunk in workers.submit(matrix, qtype, weights, name=name))
 
 
 def _check_target(ck: Checkpoint, allow_scale_mismatch: bool) -> None:

@@ -1,15 +1,22 @@
 """Quantize / dequantize whole tensors to GGUF types: the glue between ``cpmkit.quant`` (codes and
 scales) and ``cpmkit.formats.gguf.blocks`` (bytes), producing exactly what llama-quantize writes.
 
-Rows are processed in bounded chunks, so memory stays proportional to ``QUANT_CHUNK_ELEMENTS`` on top of
-the input and output. A 3-D tensor ``(n_expert, rows, cols)`` (MoE ``*_exps``) is quantized expert by
-expert, with the expert's slice of the importance matrix, as llama.cpp does.
+Rows are quantized in chunks of about ``QUANT_CHUNK_ELEMENTS`` weights, each independently (a row's bytes
+depend on that row alone), so chunking does not change a byte. ``QuantizeWorkers`` spreads a large
+tensor's chunks over worker processes, as llama-quantize splits rows over its threads: the quantizers
+issue thousands of small numpy ops per chunk, whose Python overhead holds the GIL, so threads would take
+turns rather than run side by side. A 3-D tensor ``(n_expert, rows, cols)`` (MoE ``*_exps``) is quantized
+expert by expert, with the expert's slice of the importance matrix, as llama.cpp does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 
+import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QType
 
@@ -18,12 +25,26 @@ from cpmkit.formats.gguf.blocks import block_type, dequantize
 from cpmkit.formats.gguf.quantized import QuantizedBlocks
 from cpmkit.quant import kquants, legacy, ternary_blocks
 
-Quantizer = Callable[[torch.Tensor, "torch.Tensor | None"], QuantizedBlocks]
+Quantizer = Callable[[np.ndarray, "np.ndarray | None"], QuantizedBlocks]
 
 QUANTIZERS: dict[QType, Quantizer] = {**legacy.QUANTIZERS, **kquants.QUANTIZERS, **ternary_blocks.QUANTIZERS}
 assert len(QUANTIZERS) == len(legacy.QUANTIZERS) + len(kquants.QUANTIZERS) + len(ternary_blocks.QUANTIZERS)
 
-QUANT_CHUNK_ELEMENTS = 1 << 18  # float32 weights quantized per call (1 MiB): bounds the search temporaries
+# Weights per quantizer call. The K-quant searches make ~16 passes over a chunk per grid point, so its
+# float32 temporaries (7 arrays of the chunk's size) should sit in a core's L2 cache; much smaller chunks
+# pay numpy's per-call overhead on the per-group vectors instead (measured in bench/gguf_quant_throughput.py).
+QUANT_CHUNK_ELEMENTS = 1 << 16
+# Weights per task sent to a worker process: large enough that pickling and the pipe cost little beside
+# the quantization, small enough that the workers finish a tensor at nearly the same time.
+TASK_ELEMENTS = 1 << 19
+FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)  # converted faster here than pickled to a worker
+
+
+def default_workers() -> int:
+    """Quantizer processes when the caller names none: torch's thread budget for this process (the CLI's
+    global ``--threads`` sets it), at most the CPUs this process may run on."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(torch.get_num_threads(), cpus))
 
 
 def _quantizer(qtype: QType) -> Quantizer:
@@ -34,45 +55,127 @@ def _quantizer(qtype: QType) -> Quantizer:
         raise CpmkitError(f"cannot quantize to GGUF type {qtype.name}; supported: {supported}") from None
 
 
+def _portable(rows: torch.Tensor) -> np.ndarray:
+    """Rows as a numpy array that pickles cheaply: bf16 as its raw 16-bit patterns (no float32 copy in
+    the parent), float16/32/64 as they are, dtypes numpy lacks (float8) as float32."""
+    if rows.dtype == torch.bfloat16:
+        return rows.contiguous().view(torch.int16).numpy().view(np.uint16)
+    if rows.dtype in (torch.float16, torch.float32, torch.float64):
+        return rows.contiguous().numpy()
+    return rows.to(torch.float32).contiguous().numpy()
+
+
+def _float32(rows: np.ndarray) -> np.ndarray:
+    """``_portable`` rows as contiguous float32, converted exactly like ``tensor.to(torch.float32)``."""
+    if rows.dtype == np.uint16:  # bf16 is the top half of a float32
+        return (rows.astype(np.uint32) << 16).view(np.float32)
+    return np.ascontiguousarray(rows, dtype=np.float32)
+
+
+def _quantize_rows(qtype: QType, rows: np.ndarray, qw: np.ndarray | None, name: str, first_row: int) -> np.ndarray:
+    """Rows (as ``_portable`` gives them) -> uint8 ``(rows, row_bytes)``, in cache-sized chunks."""
+    lay = block_type(qtype).layout
+    n_rows, cols = rows.shape
+    out = np.empty((n_rows, lay.row_bytes(cols)), dtype=np.uint8)
+    step = max(1, QUANT_CHUNK_ELEMENTS // cols)
+    for r in range(0, n_rows, step):
+        x = _float32(rows[r : r + step])
+        if not np.isfinite(x).all():
+            raise CpmkitError(f"{name}: contains NaN or Inf (rows {first_row + r}..{first_row + r + x.shape[0] - 1}); "
+                              "llama.cpp refuses such data too")
+        with np.errstate(all="ignore"):  # the C's float math makes inf/NaN in groups it then masks out
+            blocks = QUANTIZERS[qtype](x, qw)
+        out[r : r + step] = block_type(qtype).pack(blocks).numpy().reshape(x.shape[0], -1)
+    return out
+
+
+def _start_worker() -> None:
+    torch.set_num_threads(1)  # a worker is one core's share; its packing must not fan out over all of them
+
+
+class QuantizeWorkers:
+    """Quantizes tensors on ``workers`` processes (``None``: ``default_workers()``; 1: in this process).
+    A use as a context manager; the processes start at the first tensor of more than one task's worth of
+    weights, so small models never pay for them. ``submit`` returns a tensor's bytes as an iterator over
+    row chunks, in order, while later chunks are still being quantized."""
+
+    def __init__(self, workers: int | None = None):
+        self.workers = default_workers() if workers is None else workers
+        if self.workers < 1:
+            raise CpmkitError(f"quantizer workers must be at least 1, got {self.workers}")
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> QuantizeWorkers:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def _processes(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            # forkserver: a fork of this process could inherit torch's OpenMP threads mid-use
+            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+            context = multiprocessing.get_context(method)
+            if method == "forkserver":
+                context.set_forkserver_preload([__name__])
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker)
+        return self._pool
+
+    def submit(self, w: torch.Tensor, qtype: QType, imatrix: torch.Tensor | None = None,
+               name: str = "tensor") -> Iterator[np.ndarray]:
+        """Queue ``w`` (as ``quantize_tensor`` takes it) and return an iterator over its bytes: uint8
+        ``(rows, row_bytes)`` numpy chunks in row order (3-D: expert after expert). Errors in the data are
+        raised when their chunk is reached."""
+        _quantizer(qtype)
+        lay = block_type(qtype).layout
+        if w.dim() not in (2, 3) or not w.is_floating_point():
+            raise CpmkitError(f"{name}: expected a 2-D or 3-D float tensor, got {w.dtype} {tuple(w.shape)}")
+        cols = w.shape[-1]
+        if cols % lay.block_size:
+            raise CpmkitError(f"{name}: row length {cols} is not a multiple of the {qtype.name} block size "
+                              f"{lay.block_size}; pick another type for this tensor")
+        experts = w.shape[0] if w.dim() == 3 else 1
+        x = w.detach().reshape(experts, -1, cols)
+        qw = None
+        if imatrix is not None:
+            if imatrix.numel() != experts * cols:
+                raise CpmkitError(f"{name}: imatrix has {imatrix.numel()} values, expected {experts * cols} "
+                                  f"({experts} x {cols} columns)")
+            qw = imatrix.detach().to(torch.float32).reshape(experts, cols).numpy()
+            if not np.isfinite(qw).all():
+                raise CpmkitError(f"{name}: imatrix contains NaN or Inf (llama-quantize rejects it too)")
+        step = max(1, TASK_ELEMENTS // cols)
+        tasks = [(qtype, _portable(x[e, r : r + step]), None if qw is None else qw[e], name, r)
+                 for e in range(experts) for r in range(0, x.shape[1], step)]
+        if self.workers == 1 or len(tasks) == 1 or qtype in FLOAT_TYPES:
+            return (_quantize_rows(*task) for task in tasks)
+        return _results([self._processes().submit(_quantize_rows, *task) for task in tasks])
+
+
+def _results(futures: list[Future]) -> Iterator[np.ndarray]:
+    try:
+        for f in futures:
+            yield f.result()
+    finally:  # abandoned (an error, or the caller stopped): do not quantize the rest
+        for f in futures:
+            f.cancel()
+
+
 def quantize_tensor(w: torch.Tensor, qtype: QType, imatrix: torch.Tensor | None = None,
-                    name: str = "tensor") -> torch.Tensor:
+                    name: str = "tensor", workers: int | None = 1) -> torch.Tensor:
     """Quantize ``w`` ``[rows, cols]`` (or ``[n_expert, rows, cols]``, any float dtype, converted to
     float32 like llama.cpp) along ``cols``; returns uint8 ``[..., rows, row_bytes]``.
 
     ``imatrix``: per-column importance, ``[cols]`` (``[n_expert * cols]`` or ``[n_expert, cols]`` for
-    3-D); selects the imatrix (``_impl``) paths for the types that use it."""
-    quantize = _quantizer(qtype)
-    lay = block_type(qtype).layout
-    if w.dim() not in (2, 3) or not w.is_floating_point():
-        raise CpmkitError(f"{name}: expected a 2-D or 3-D float tensor, got {w.dtype} {tuple(w.shape)}")
-    cols = w.shape[-1]
-    if cols % lay.block_size:
-        raise CpmkitError(f"{name}: row length {cols} is not a multiple of the {qtype.name} block size "
-                          f"{lay.block_size}; pick another type for this tensor")
-    experts = w.shape[0] if w.dim() == 3 else 1
-    x = w.detach().to(torch.float32).reshape(experts, -1, cols)
-    qw = None
-    if imatrix is not None:
-        if imatrix.numel() != experts * cols:
-            raise CpmkitError(f"{name}: imatrix has {imatrix.numel()} values, expected {experts * cols} "
-                              f"({experts} x {cols} columns)")
-        qw = imatrix.detach().to(torch.float32).reshape(experts, cols)
-        if not bool(torch.isfinite(qw).all()):
-            raise CpmkitError(f"{name}: imatrix contains NaN or Inf (llama-quantize rejects it too)")
-
-    rows = x.shape[1]
-    out = torch.empty(experts, rows, lay.row_bytes(cols), dtype=torch.uint8)
-    step = max(1, QUANT_CHUNK_ELEMENTS // cols)
-    pack = block_type(qtype).pack
-    for e in range(experts):
-        for r in range(0, rows, step):
-            chunk = x[e, r : r + step].contiguous()
-            if not bool(torch.isfinite(torch.stack(torch.aminmax(chunk))).all()):  # NaN propagates
-                raise CpmkitError(f"{name}: contains NaN or Inf (rows {r}..{r + chunk.shape[0] - 1}); "
-                                  "llama.cpp refuses such data too")
-            raw = pack(quantize(chunk, None if qw is None else qw[e]))
-            out[e, r : r + step] = raw.reshape(chunk.shape[0], -1)
-    return out.reshape(*w.shape[:-1], -1)
+    3-D); selects the imatrix (``_impl``) paths for the types that use it. ``workers``: processes (see
+    ``QuantizeWorkers``)."""
+    with QuantizeWorkers(workers) as pool:
+        chunks = list(pool.submit(w, qtype, imatrix, name))
+    row_bytes = block_type(qtype).layout.row_bytes(w.shape[-1])
+    out = np.concatenate(chunks) if chunks else np.empty((0, row_bytes), dtype=np.uint8)
+    return torch.from_numpy(out).reshape(*w.shape[:-1], row_bytes)
 
 
 def dequantize_tensor(raw: torch.Tensor, qtype: QType, shape: tuple[int, ...]) -> torch.Tensor:

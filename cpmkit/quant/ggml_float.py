@@ -1,102 +1,142 @@
-"""The float32 arithmetic of ggml-quants.c, reproduced in torch so GGUF quantizers are byte-exact.
+"""The float32 arithmetic of ggml-quants.c, reproduced in numpy so GGUF quantizers are byte-exact.
 
 ggml-quants.c lives in libggml-base, which is compiled without ``-march``: on x86-64 every operation is
 one IEEE float32 SSE instruction, with no FMA contraction and no reassociation. Matching it needs:
 
-* every constant an exact float32 (``f32``) and scalar/tensor divisions done as tensor/tensor
-  (``torch``'s ``scalar / tensor`` is ``reciprocal(tensor) * scalar``, two roundings);
-* sums over a block accumulated in C loop order (``sequential_sum``): torch's and numpy's pairwise
-  sums flip ~2 % of K-quant blocks;
-* ``sqrt`` through numpy: torch's float32 sqrt is not correctly rounded on AVX-512 builds;
-* ggml's ``nearest_int`` bit trick, ``roundf`` half away from zero, and fp16 round trips of stored scales;
-* no ``torch.trunc`` (not vectorised in these builds): float -> int conversion truncates the same way.
+* every constant an exact float32 (``f32``) and divisions done elementwise (``rdiv``; torch's
+  ``scalar / tensor`` is ``reciprocal(tensor) * scalar``, two roundings);
+* sums over a block accumulated in C loop order (``sequential_sum``): pairwise sums flip ~2 % of
+  K-quant blocks;
+* ggml's ``nearest_int`` bit trick, ``roundf`` half away from zero, and fp16 round trips of stored scales.
+
+Why numpy and not torch: a quantizer issues thousands of array ops per chunk of rows. numpy runs each on
+the calling thread with the GIL released and at about half torch's per-call cost, so a pool of threads
+can quantize row chunks side by side; a torch op above its OpenMP grain size (32768 elements) would
+instead split itself across all cores and wait on a barrier, which on a 2-core machine cost more than
+the arithmetic. Every function takes float32 numpy arrays; ``accepts_tensors`` also lets it take CPU
+torch tensors (and return tensors), the form the rest of cpmkit and its tests hold.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Any, Callable, TypeVar
+
 import numpy as np
 import torch
 
-GROUP_MAX_EPS = float(np.float32(1e-15))  # ggml-quants.c GROUP_MAX_EPS: below it a group counts as zero
-_MAGIC = float(np.float32(12582912.0))  # 1.5 * 2**23, nearest_int's rounding constant
-_HALF_BELOW = float(np.float32(0.5) - np.float32(2**-25))  # the float just below 0.5
+GROUP_MAX_EPS = np.float32(1e-15)  # ggml-quants.c GROUP_MAX_EPS: below it a group counts as zero
+_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23, nearest_int's rounding constant
+_HALF_BELOW = np.float32(0.5) - np.float32(2**-25)  # the float just below 0.5
 NEAREST_INT_EXACT = 4194303.0  # nearest_int's own bound (its assert): inside it, it equals rint
 
-
-def f32(value: float) -> float:
-    """The float32 value of a C ``float`` constant, as a Python float torch can use without rounding."""
-    return float(np.float32(value))
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def rdiv(numerator: float, t: torch.Tensor) -> torch.Tensor:
+def accepts_tensors(fn: F) -> F:
+    """Let a numpy routine be called with CPU torch tensors too: they are viewed as numpy arrays (no
+    copy) and every array it returns comes back as a tensor."""
+
+    def to_torch(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return tuple(to_torch(v) for v in value)
+        return torch.from_numpy(np.asarray(value)) if isinstance(value, (np.ndarray, np.generic)) else value
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not any(isinstance(a, torch.Tensor) for a in args):
+            return fn(*args, **kwargs)
+        return to_torch(fn(*(a.numpy() if isinstance(a, torch.Tensor) else a for a in args), **kwargs))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def f32(value: float) -> np.float32:
+    """The float32 value of a C ``float`` constant."""
+    return np.float32(value)
+
+
+@accepts_tensors
+def rdiv(numerator: float, t: np.ndarray) -> np.ndarray:
     """``numerator / t`` with one rounding, like C's ``63.f/max_scale``."""
-    return torch.div(torch.tensor(f32(numerator)), t)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.divide(f32(numerator), t, dtype=np.float32)
 
 
-def sqrt(t: torch.Tensor) -> torch.Tensor:
+@accepts_tensors
+def sqrt(t: np.ndarray) -> np.ndarray:
     """Correctly rounded float32 ``sqrtf`` (numpy's float32 sqrt is the IEEE instruction)."""
-    return torch.from_numpy(np.sqrt(t.contiguous().numpy()))
+    return np.sqrt(t)
 
 
-def nearest_int(f: torch.Tensor) -> torch.Tensor:
+@accepts_tensors
+def nearest_int(f: np.ndarray) -> np.ndarray:
     """ggml's ``nearest_int``: round half to even through the float32 bits of ``f + 1.5*2**23``; for
     |f| > 2**22 it returns the same garbage as the C (int32)."""
-    return ((f + _MAGIC).view(torch.int32) & 0x007FFFFF) - 0x00400000
+    return ((f + _MAGIC).view(np.int32) & 0x007FFFFF) - 0x00400000
 
 
-def nearest_int_clamped(f: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """``MAX(lo, MIN(hi, nearest_int(f)))`` as float32. torch.round is the same rounding and much
-    faster, so it is used whenever every |f| is inside nearest_int's exact range (NaN fails the test)."""
-    if f.numel() == 0 or bool(f.abs().amax() <= NEAREST_INT_EXACT):
-        return torch.round(f).clamp_(lo, hi)
-    return nearest_int(f).clamp_(lo, hi).float()
+def in_exact_range(f: np.ndarray) -> bool:
+    """Whether every |f| is inside nearest_int's exact range, where it equals ``np.rint`` (NaN is not)."""
+    return f.size == 0 or bool(np.abs(f).max() <= NEAREST_INT_EXACT)
 
 
-def lroundf(f: torch.Tensor) -> torch.Tensor:
+@accepts_tensors
+def nearest_int_clamped(f: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """``MAX(lo, MIN(hi, nearest_int(f)))`` as float32. np.rint is the same rounding and cheaper, so it
+    is used whenever every |f| is inside nearest_int's exact range."""
+    if in_exact_range(f):
+        return np.clip(np.rint(f), lo, hi)
+    return nearest_int(f).clip(lo, hi).astype(np.float32)
+
+
+@accepts_tensors
+def lroundf(f: np.ndarray) -> np.ndarray:
     """C ``roundf`` / ``lroundf`` (half away from zero) for |f| < 2**31, as int32: truncate
     f + copysign(0.5 - 2**-25, f). Adding the largest float below 0.5 carries past the next integer
     exactly when the fraction is >= 0.5 (a plain +0.5 wrongly rounds 0.49999997 up); the int
     conversion truncates toward zero like C's."""
-    return (f + f.sign().mul_(_HALF_BELOW)).to(torch.int32)
+    return (f + np.sign(f) * _HALF_BELOW).astype(np.int32)
 
 
-def sequential_sum(terms: torch.Tensor, from_zero: bool = True) -> torch.Tensor:
-    """Sum over dim 0 in index order, like a C ``for`` loop accumulating a float.
+@accepts_tensors
+def sequential_sum(terms: np.ndarray, from_zero: bool = True) -> np.ndarray:
+    """Sum over axis 0 in index order, like a C ``for`` loop accumulating a float.
 
     ``from_zero``: the accumulator starts at ``0.0f`` (``float s = 0; s += t[i]``); otherwise at the
     first term (``float s = t[0]; s += t[i]`` for i >= 1, the same as starting from -0.0f).
     numpy reduces a C-contiguous array along a non-fast axis by adding one row at a time into the
-    result (documented for ``numpy.sum``: pairwise summation is used only along the fast axis), which
-    is exactly the C order, at a fraction of the cost of a Python loop of torch adds."""
+    result (pairwise summation is used only along the fast axis), which is exactly the C order."""
     n, rest = terms.shape[0], terms.shape[1:]
-    a = terms.reshape(n, -1).contiguous()
+    a = np.ascontiguousarray(terms).reshape(n, -1)
     if a.shape[1] == 1:  # one column would be the fast axis, which numpy sums pairwise
-        a = a.expand(n, 2).contiguous()
-    total = np.add.reduce(a.numpy(), axis=0, initial=0.0 if from_zero else -0.0)
-    return torch.from_numpy(total[: max(1, terms[0].numel())]).reshape(rest)
+        a = np.repeat(a, 2, axis=1)
+    total = np.add.reduce(a, axis=0, initial=0.0 if from_zero else -0.0)
+    return total[: max(1, terms[0].size)].reshape(rest)
 
 
-def first_min(x: torch.Tensor) -> torch.Tensor:
-    """min over dim 0 as the C loop ``if (x[i] < min) min = x[i]`` finds it: the first minimal element,
+@accepts_tensors
+def first_min(x: np.ndarray) -> np.ndarray:
+    """min over axis 0 as the C loop ``if (x[i] < min) min = x[i]`` finds it: the first minimal element,
     so a zero minimum keeps the sign of the first zero (it can end up in an fp16 field)."""
-    lo = x.amin(0)
-    zero = (lo == 0).nonzero().flatten()
-    if zero.numel():
-        sub = x[:, zero].numpy()
-        lo[zero] = torch.from_numpy(sub[np.argmax(sub == 0, axis=0), np.arange(sub.shape[1])])
+    lo = x.min(0)
+    zero = np.flatnonzero(lo == 0)
+    if zero.size:
+        sub = x[:, zero]
+        lo[zero] = sub[np.argmax(sub == 0, axis=0), np.arange(zero.size)]
     return lo
 
 
-def first_abs_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(amax, max) over dim 0: the largest |x| and the signed value where it first occurs, as the C
+@accepts_tensors
+def first_abs_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(amax, max) over axis 0: the largest |x| and the signed value where it first occurs, as the C
     loops ``if (ax > amax) { amax = ax; max = x[i]; }`` (amax starts at 0, so an all-zero group gives
     +0.0, which matters: it is the sign of d = max/-8)."""
-    hi, lo = x.amax(0), x.amin(0)
-    amax = torch.maximum(hi, -lo).abs_()  # abs: -lo of a zero group is -0.0
-    peak = torch.where(hi >= -lo, hi, lo)
-    tied = ((hi == -lo) & (hi > 0)).nonzero().flatten()  # both signs reach |max|: the first one wins
-    if tied.numel():
-        sub = x[:, tied].numpy()
-        first = np.argmax(np.abs(sub) == amax[tied].numpy(), axis=0)
-        peak[tied] = torch.from_numpy(sub[first, np.arange(sub.shape[1])])
-    return amax, torch.where(amax > 0, peak, torch.zeros_like(peak))
+    hi, lo = x.max(0), x.min(0)
+    amax = np.abs(np.where(hi >= -lo, hi, -lo))  # abs: -lo of a zero group is -0.0
+    peak = np.where(hi >= -lo, hi, lo)
+    tied = np.flatnonzero((hi == -lo) & (hi > 0))  # both signs reach |max|: the first one wins
+    if tied.size:
+        sub = x[:, tied]
+        peak[tied] = sub[np.argmax(np.abs(sub) == amax[tied], axis=0), np.arange(tied.size)]
+    return amax, np.where(amax > 0, peak, np.float32(0))

@@ -7,6 +7,7 @@ row or per >= 256-aligned group) round-trips exactly. The importance vector is i
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QType
 
@@ -15,19 +16,19 @@ from cpmkit.formats.gguf.quantized import QuantizedBlocks
 from cpmkit.quant.ggml_float import lroundf, rdiv
 
 
-def _ternarize(qtype: QType, x: torch.Tensor) -> QuantizedBlocks:
+def _ternarize(qtype: QType, x: np.ndarray) -> QuantizedBlocks:
     xb = x.reshape(-1, QK_K)
-    d = xb.abs().amax(1)
-    inv = torch.where(d != 0, rdiv(1.0, d), torch.zeros_like(d))
+    d = np.abs(xb).max(1)
+    inv = np.where(d != 0, rdiv(1.0, d), np.float32(0))
     trits = lroundf(xb * inv[:, None]) + 1  # -1, 0, 1 -> 0, 1, 2
-    return QuantizedBlocks(qtype, trits.to(torch.uint8), d=d.half())
+    return QuantizedBlocks(qtype, torch.from_numpy(trits.astype(np.uint8)), d=torch.from_numpy(d).half())
 
 
-def quantize_tq1_0(x: torch.Tensor, quant_weights: torch.Tensor | None) -> QuantizedBlocks:
+def quantize_tq1_0(x: np.ndarray, quant_weights: np.ndarray | None) -> QuantizedBlocks:
     return _ternarize(QType.TQ1_0, x)
 
 
-def quantize_tq2_0(x: torch.Tensor, quant_weights: torch.Tensor | None) -> QuantizedBlocks:
+def quantize_tq2_0(x: np.ndarray, quant_weights: np.ndarray | None) -> QuantizedBlocks:
     return _ternarize(QType.TQ2_0, x)
 
 
