@@ -37,8 +37,8 @@ def _progress(desc: str, total: int | None = None):
 @click.group(cls=_Cli)
 @click.version_option(package_name="cpmkit")
 @click.option("--threads", type=click.IntRange(min=1), envvar="CPMKIT_THREADS",
-              help="CPU threads for torch (default: torch's own choice; 1 is fastest for small models on a busy "
-                   "machine)")
+              help="CPU threads for torch, and GGUF quantizer processes (default: torch's own choice; 1 is "
+                   "fastest for small models on a busy machine)")
 def cli(threads: int | None) -> None:
     """Convert, quantize and verify OpenBMB MiniCPM checkpoints."""
     if threads is not None:

@@ -1,6 +1,9 @@
 """GGUF block packers / dequantizers and the non-K quantizers against gguf-py (an independent numpy
 implementation of ggml's reference quantizers and of every dequantizer)."""
 
+import os
+import signal
+
 import gguf
 import numpy as np
 import pytest
@@ -128,3 +131,14 @@ def test_worker_processes_write_the_same_bytes_and_report_bad_rows(monkeypatch):
         bad[1, 9, 3] = float("inf")
         with pytest.raises(CpmkitError, match=r"blk.0.ffn_up_exps.weight: contains NaN or Inf \(rows 8..11\)"):
             list(pool.submit(bad, QType.Q4_K, name="blk.0.ffn_up_exps.weight"))
+
+
+def test_a_killed_worker_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(gguf_quantize, "TASK_ELEMENTS", 4 * 256)
+    w = torch.randn(2048, 256)
+    with QuantizeWorkers(2) as pool:
+        chunks = pool.submit(w, QType.Q4_K, name="blk.3.ffn_gate.weight")
+        for pid in list(pool._pool._processes):
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(CpmkitError, match="blk.3.ffn_gate.weight: a quantizer worker process died"):
+            list(chunks)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import torch
@@ -37,7 +39,9 @@ QUANT_CHUNK_ELEMENTS = 1 << 16
 # Weights per task sent to a worker process: large enough that pickling and the pipe cost little beside
 # the quantization, small enough that the workers finish a tensor at nearly the same time.
 TASK_ELEMENTS = 1 << 19
-FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)  # converted faster here than pickled to a worker
+# Types whose quantizer is cheaper than sending the rows to a worker and the bytes back.
+IN_PROCESS_TYPES = (QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.TQ1_0, QType.TQ2_0)
+CAN_FORK = sys.platform.startswith("linux")  # macOS may crash a forked child in system frameworks
 
 
 def default_workers() -> int:
@@ -94,10 +98,10 @@ def _start_worker() -> None:
 
 
 class QuantizeWorkers:
-    """Quantizes tensors on ``workers`` processes (``None``: ``default_workers()``; 1: in this process).
-    A use as a context manager; the processes start at the first tensor of more than one task's worth of
-    weights, so small models never pay for them. ``submit`` returns a tensor's bytes as an iterator over
-    row chunks, in order, while later chunks are still being quantized."""
+    """Quantizes tensors on ``workers`` processes (``None``: ``default_workers()``; 1, or a platform other
+    than Linux: in this process). Use as a context manager; the processes start at the first tensor of more
+    than one task's worth of weights, so small models never pay for them. ``submit`` returns a tensor's
+    bytes as an iterator over row chunks, in order, while later chunks are still being quantized."""
 
     def __init__(self, workers: int | None = None):
         self.workers = default_workers() if workers is None else workers
@@ -115,11 +119,10 @@ class QuantizeWorkers:
 
     def _processes(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            # forkserver: a fork of this process could inherit torch's OpenMP threads mid-use
-            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-            context = multiprocessing.get_context(method)
-            if method == "forkserver":
-                context.set_forkserver_preload([__name__])
+            # fork, not spawn/forkserver: those re-run the caller's main script in every worker. A forked
+            # worker never enters a torch parallel region (one thread), the rule that makes torch's own
+            # DataLoader workers safe after the parent has used OpenMP.
+            context = multiprocessing.get_context("fork")
             self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker)
         return self._pool
 
@@ -149,15 +152,18 @@ class QuantizeWorkers:
         step = max(1, TASK_ELEMENTS // cols)
         tasks = [(qtype, _portable(x[e, r : r + step]), None if qw is None else qw[e], name, r)
                  for e in range(experts) for r in range(0, x.shape[1], step)]
-        if self.workers == 1 or len(tasks) == 1 or qtype in FLOAT_TYPES:
+        if self.workers == 1 or len(tasks) == 1 or qtype in IN_PROCESS_TYPES or not CAN_FORK:
             return (_quantize_rows(*task) for task in tasks)
-        return _results([self._processes().submit(_quantize_rows, *task) for task in tasks])
+        return _results([self._processes().submit(_quantize_rows, *task) for task in tasks], name)
 
 
-def _results(futures: list[Future]) -> Iterator[np.ndarray]:
+def _results(futures: list[Future], name: str) -> Iterator[np.ndarray]:
     try:
         for f in futures:
             yield f.result()
+    except BrokenProcessPool as e:
+        raise CpmkitError(f"{name}: a quantizer worker process died ({e}); out of memory? --threads 1 "
+                          "quantizes in the main process") from None
     finally:  # abandoned (an error, or the caller stopped): do not quantize the rest
         for f in futures:
             f.cancel()
