@@ -11,6 +11,7 @@ expert by expert, with the expert's slice of the importance matrix, as llama.cpp
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import sys
@@ -32,10 +33,10 @@ Quantizer = Callable[[np.ndarray, "np.ndarray | None"], QuantizedBlocks]
 QUANTIZERS: dict[QType, Quantizer] = {**legacy.QUANTIZERS, **kquants.QUANTIZERS, **ternary_blocks.QUANTIZERS}
 assert len(QUANTIZERS) == len(legacy.QUANTIZERS) + len(kquants.QUANTIZERS) + len(ternary_blocks.QUANTIZERS)
 
-# Weights per quantizer call. The K-quant searches make ~16 passes over a chunk per grid point, so its
-# float32 temporaries (7 arrays of the chunk's size) should sit in a core's L2 cache; much smaller chunks
-# pay numpy's per-call overhead on the per-group vectors instead (measured in bench/gguf_quant_throughput.py).
-QUANT_CHUNK_ELEMENTS = 1 << 16
+# Weights per quantizer call: numpy's per-call overhead on the per-group vectors of the K-quant searches
+# falls with larger chunks, their float32 temporaries stop fitting in cache with much larger ones; 2**18
+# was fastest for every K-quant on this machine's 1 MiB L2 (bench/gguf_quant_throughput.py).
+QUANT_CHUNK_ELEMENTS = 1 << 18
 # Weights per task sent to a worker process: large enough that pickling and the pipe cost little beside
 # the quantization, small enough that the workers finish a tensor at nearly the same time.
 TASK_ELEMENTS = 1 << 19
@@ -93,8 +94,20 @@ def _quantize_rows(qtype: QType, rows: np.ndarray, qw: np.ndarray | None, name: 
     return out
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+KEEP_FREED_BYTES = 1 << 30
+
+
 def _start_worker() -> None:
     torch.set_num_threads(1)  # a worker is one core's share; its packing must not fan out over all of them
+    # The searches allocate and free megabyte temporaries thousands of times a second; by default glibc
+    # maps and unmaps each one, and the page faults cost as much system time as the arithmetic.
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, KEEP_FREED_BYTES // 32)  # glibc caps it at 32 MiB
+        libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES)
+    except (OSError, AttributeError):  # not glibc: its allocator, its defaults
+        pass
 
 
 class QuantizeWorkers:
