@@ -79,6 +79,36 @@ def median_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def graph_ms(fn, flush: torch.Tensor, reps: int = 20) -> float:
+    """Device time of ``fn`` without the host's launch overhead: ``reps`` calls, each after an L2 flush,
+    captured in one CUDA graph and replayed, minus the same graph of flushes alone. ``do_bench`` times
+    each call from the host, so it also counts the Python and launch time of small kernels."""
+
+    def capture(body) -> torch.cuda.CUDAGraph:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                flush.zero_()
+                body()
+        return graph
+
+    def replay_ms(graph: torch.cuda.CUDAGraph) -> float:
+        graph.replay()
+        times = []
+        for _ in range(5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]
+
+    fn()  # compile and allocate outside the capture
+    torch.cuda.synchronize()
+    return max(0.0, replay_ms(capture(fn)) - replay_ms(capture(lambda: None))) / reps
+
+
 def copy_bandwidth(device: str) -> float:
     """Device-to-device copy bandwidth in GB/s (read + write), the practical HBM roofline."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
@@ -106,8 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     tune = TuneCache.load(args.tune_cache, gpu)
     roofline = copy_bandwidth(device)
     print(f"# {gpu}; copy bandwidth {roofline:.0f} GB/s; torch {torch.__version__}")
-    print(f"{'model':12} {'layer':8} {'N x K':>12} {'format':8} {'M':>4} {'bf16 us':>8} {'quant us':>8} "
-          f"{'speedup':>7} {'GB/s':>6} {'roof %':>6}  plan")
+    flush = torch.empty(256 << 20, dtype=torch.int8, device=device)  # 5x the L2
+    print("times in us; 'host' = do_bench per call (includes Python and launch), 'graph' = CUDA graph replay "
+          "(device time only); speedup, GB/s and roof % from the graph times")
+    print(f"{'model':12} {'layer':8} {'N x K':>12} {'format':8} {'M':>4} {'bf16':>7} {'quant':>7} {'bf16':>7} "
+          f"{'quant':>7} {'speedup':>7} {'GB/s':>6} {'roof %':>6}  plan")
+    print(f"{'':48} {'host':>7} {'host':>7} {'graph':>7} {'graph':>7}")
     formats = args.formats.split(",")
     for fmt in formats:
         if fmt not in GGUF_FORMATS and fmt not in MLX_FORMATS:
@@ -123,12 +157,14 @@ def main(argv: list[str] | None = None) -> int:
                         autotune(x, w, tune)
                         tune.save(args.tune_cache)
                     strategy, cfg = plan(w, m, x.dtype, tune)
-                    bf16_ms = median_ms(lambda x=x, d=dense: x @ d.T)
-                    quant_ms = median_ms(lambda x=x, w=w: quant_matmul(x, w, tune))
+                    bf16_fn, quant_fn = (lambda x=x, d=dense: x @ d.T), (lambda x=x, w=w: quant_matmul(x, w, tune))
+                    bf16_ms, quant_ms = median_ms(bf16_fn), median_ms(quant_fn)
+                    bf16_graph, quant_graph = graph_ms(bf16_fn, flush), graph_ms(quant_fn, flush)
                     moved = w.nbytes + x.numel() * 2 + m * n * 2
-                    gbps = moved / quant_ms / 1e6
-                    print(f"{model:12} {layer:8} {f'{n}x{k}':>12} {fmt:8} {m:>4} {bf16_ms * 1e3:8.1f} "
-                          f"{quant_ms * 1e3:8.1f} {bf16_ms / quant_ms:7.2f} {gbps:6.0f} {100 * gbps / roofline:6.1f}"
+                    gbps = moved / quant_graph / 1e6
+                    print(f"{model:12} {layer:8} {f'{n}x{k}':>12} {fmt:8} {m:>4} {bf16_ms * 1e3:7.1f} "
+                          f"{quant_ms * 1e3:7.1f} {bf16_graph * 1e3:7.1f} {quant_graph * 1e3:7.1f} "
+                          f"{bf16_graph / quant_graph:7.2f} {gbps:6.0f} {100 * gbps / roofline:6.1f}"
                           f"  {strategy.value} {cfg}", flush=True)
     return 0
 

@@ -85,6 +85,21 @@ def test_custom_ops_have_working_fakes(op):
     assert y.shape == (5, N) and y.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("op", ["dequant_gemv", "dequant_gemm"])
+def test_custom_ops_compute_what_the_eager_launch_does(op):
+    """Eager calls launch the kernels directly; torch.compile goes through the custom ops: same numbers."""
+    w = make_linear("gguf-Q4_K")[0].to(DEVICE).packed()
+    x = torch.randn(5, K, generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    lay = w.layout
+    args = [x, w.lo, w.hi, w.d, w.m, w.sub_d, w.sub_m, lay.lo_bits, lay.hi_bits, lay.zero, lay.block,
+            lay.sub_block, lay.has_m]
+    if op == "dequant_gemv":
+        eager, tiles = gemv(x, w, GEMV_TILES), [32, 64, 2, 4, 2]
+    else:
+        eager, tiles = gemm(x, w, GEMM_TILES), [16, 32, 128, 2, 8, 4, 3]
+    torch.testing.assert_close(getattr(torch.ops.cpmkit, op)(*args, *tiles), eager, rtol=0, atol=0)
+
+
 def test_dispatch_rule():
     assert [choose_strategy(m) for m in (1, GEMV_MAX_M, GEMV_MAX_M + 1, 4096)] == [
         Strategy.GEMV, Strategy.GEMV, Strategy.GEMM, Strategy.GEMM]

@@ -160,8 +160,8 @@ def unpack_codes(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
         return stream.clone().reshape(*lead, k)
     packs = stream.view(-1, bits)  # (P, bits)
     n_packs = packs.shape[0]
-    out = torch.empty(n_packs, dtype=torch.int64)  # (P,): a pack's 8 codes, one per byte
-    x = torch.empty(min(n_packs, STEP_PACKS), dtype=torch.int64)
+    out = torch.empty(n_packs, dtype=torch.int64, device=words.device)  # (P,): a pack's 8 codes, one per byte
+    x = torch.empty(min(n_packs, STEP_PACKS), dtype=torch.int64, device=words.device)
     tmp = torch.empty_like(x)
     levels = _halving_levels(bits)
     for start in range(0, n_packs, STEP_PACKS):

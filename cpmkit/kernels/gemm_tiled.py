@@ -142,7 +142,10 @@ def _(x, lo, hi, d, m, sub_d, sub_m, *meta):
 
 
 def gemm(x: torch.Tensor, w: PackedWeight, cfg: GemmConfig) -> torch.Tensor:
-    """``x [M, K]`` times ``dequant(w).T`` -> ``[M, N]`` in x's dtype, through the custom op."""
+    """``x [M, K]`` times ``dequant(w).T`` -> ``[M, N]`` in x's dtype: launched directly in eager mode,
+    through the custom op when compiling (see ``gemv_splitk.gemv``)."""
+    if not torch.compiler.is_compiling():
+        return _launch(x, w, cfg)
     lay = w.layout
     return dequant_gemm(x, w.lo, w.hi, w.d, w.m, w.sub_d, w.sub_m,
                         lay.lo_bits, lay.hi_bits, lay.zero, lay.block, lay.sub_block, lay.has_m,

@@ -124,7 +124,11 @@ def _(x, lo, hi, d, m, sub_d, sub_m, *meta):
 
 
 def gemv(x: torch.Tensor, w: PackedWeight, cfg: GemvConfig) -> torch.Tensor:
-    """``x [M, K]`` (M <= MAX_M) times ``dequant(w).T`` -> ``[M, N]`` in x's dtype, through the custom op."""
+    """``x [M, K]`` (M <= MAX_M) times ``dequant(w).T`` -> ``[M, N]`` in x's dtype: launched directly in
+    eager mode, through the custom op (which torch.compile can trace) when compiling. The op's dispatch
+    costs tens of microseconds of host time per call, more than the kernel on most layers."""
+    if not torch.compiler.is_compiling():
+        return _launch(x, w, cfg)
     lay = w.layout
     return dequant_gemv(x, w.lo, w.hi, w.d, w.m, w.sub_d, w.sub_m,
                         lay.lo_bits, lay.hi_bits, lay.zero, lay.block, lay.sub_block, lay.has_m,

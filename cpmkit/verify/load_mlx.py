@@ -68,7 +68,8 @@ class QuantEmbedding(nn.Module):
         self.register_buffer("biases", biases)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        codes = unpack_codes(self.weight[input_ids], self.spec.bits, self.embedding_dim)  # [B, T, H]
+        words = self.weight.view(torch.int32)[input_ids]  # CUDA cannot index uint32 tensors; same bits
+        codes = unpack_codes(words, self.spec.bits, self.embedding_dim)  # [B, T, H]
         rows = AffineQuantized(codes, self.scales[input_ids].float(), self.biases[input_ids].float(), self.spec)
         return dequantize_affine(rows).to(self.dtype)
 
