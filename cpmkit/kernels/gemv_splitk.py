@@ -15,9 +15,11 @@ against all M rows of x at once (the decoded tile is reused M times). Split-K su
 when N is small (k/v projections: N = 256); partial sums go to separate slices instead of
 ``atomic_add`` so results are deterministic.
 
-Compiled for sm_90 (Triton 3.9, compile-only, no GPU here): no register spills; per K step the code tile
-crosses shared memory once (``convert_layout`` from the 128-bit-per-lane load layout to the
-one-column-per-lane unpack layout). That conversion is the first thing to measure on a GPU.
+Compiled for sm_90: no register spills; per K step the code tile crosses shared memory once
+(``convert_layout`` from the 128-bit-per-lane load layout to the one-column-per-lane unpack layout).
+Measured once on an H100 (README, bench/kernels_gpu.py): correct, but Q4_K streams at only 26 % of copy
+bandwidth with the default tiles and 35 % autotuned; that conversion and the decode's instruction count
+are the first suspects.
 """
 
 from __future__ import annotations
