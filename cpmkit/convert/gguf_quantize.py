@@ -112,9 +112,9 @@ def _start_worker() -> None:
 
 class QuantizeWorkers:
     """Quantizes tensors on ``workers`` processes (``None``: ``default_workers()``; 1, or a platform other
-    than Linux: in this process). Use as a context manager; the processes start at the first tensor of more
-    than one task's worth of weights, so small models never pay for them. ``submit`` returns a tensor's
-    bytes as an iterator over row chunks, in order, while later chunks are still being quantized."""
+    than Linux: in this process). Use as a context manager, which forks the processes on entry. ``submit``
+    returns a tensor's bytes as an iterator over row chunks, in order, while later chunks are still being
+    quantized; small tensors and cheap types are quantized in this process."""
 
     def __init__(self, workers: int | None = None):
         self.workers = default_workers() if workers is None else workers
@@ -123,6 +123,10 @@ class QuantizeWorkers:
         self._pool: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> QuantizeWorkers:
+        if self.workers > 1 and CAN_FORK:
+            # fork now, while this process holds no tensor data: a worker forked later would keep the
+            # pages of the tensor being read alive (copy-on-write) after this process frees them
+            self._processes().submit(os.getpid).result()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
