@@ -78,7 +78,6 @@ def main() -> None:
     print(f"{'':6s} {'--- one core (MB/s) ---':>27s}   {f'--- {workers} cores (MB/s) ---':>29s}")
     print(f"{'type':6s} {'cpmkit':>8s} {'C':>8s} {'ratio':>7s}   {'cpmkit':>8s} {'C':>8s} {'ratio':>7s}  identical")
     with QuantizeWorkers(workers) as pool:
-        pooled(pool, w[:512], QType.Q8_0, None)  # start the worker processes outside the timings
         for name in args.types.split(","):
             row(name, w, imatrix, pool, workers, megabytes, args.repeat)
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
