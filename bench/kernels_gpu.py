@@ -9,9 +9,11 @@ time, the speedup, the achieved GB/s (weight + activation + output bytes over ti
 the measured device-to-device copy bandwidth (the practical HBM roofline), and the strategy and tiles.
 Tiles are autotuned once per (layout, shape, M bucket, dtype) and cached in the ``--tune-cache`` JSON
 (one file per GPU model);
-``--no-tune`` uses the cache where it has an entry and the dispatcher's defaults elsewhere. Timing is
-``triton.testing.do_bench``: it clears the 50 MB L2 before every call, so weights come from HBM as in a
-real forward, and the clearing memset hides Python launch overhead. Weights are random but valid (any
+``--no-tune`` uses the cache where it has an entry and the dispatcher's defaults elsewhere. Two timings
+per call: "host", ``triton.testing.do_bench`` (clears the 50 MB L2 before every call; counts the Python and
+launch time too, which on small layers is most of it), and "graph", device time only
+(``cpmkit.kernels.timing.device_ms``: CUDA-graph replay with an L2 flush before every call), which the
+autotuner also uses and from which speedup and bandwidth are computed. Weights are random but valid (any
 code decodes), so timings equal those of real checkpoints. Without CUDA it prints one line and exits 0.
 
 What an H100 SXM (HBM3, 3.35 TB/s spec, ~2.9-3.0 TB/s copy) should show:
@@ -79,36 +81,6 @@ def median_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def graph_ms(fn, flush: torch.Tensor, reps: int = 20) -> float:
-    """Device time of ``fn`` without the host's launch overhead: ``reps`` calls, each after an L2 flush,
-    captured in one CUDA graph and replayed, minus the same graph of flushes alone. ``do_bench`` times
-    each call from the host, so it also counts the Python and launch time of small kernels."""
-
-    def capture(body) -> torch.cuda.CUDAGraph:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                flush.zero_()
-                body()
-        return graph
-
-    def replay_ms(graph: torch.cuda.CUDAGraph) -> float:
-        graph.replay()
-        times = []
-        for _ in range(5):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return sorted(times)[len(times) // 2]
-
-    fn()  # compile and allocate outside the capture
-    torch.cuda.synchronize()
-    return max(0.0, replay_ms(capture(fn)) - replay_ms(capture(lambda: None))) / reps
-
-
 def copy_bandwidth(device: str) -> float:
     """Device-to-device copy bandwidth in GB/s (read + write), the practical HBM roofline."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
@@ -130,13 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from cpmkit.kernels.dispatch import TuneCache, autotune, plan, quant_matmul, tune_key
+    from cpmkit.kernels.timing import device_ms
 
     device = "cuda"
     gpu = torch.cuda.get_device_name()
     tune = TuneCache.load(args.tune_cache, gpu)
     roofline = copy_bandwidth(device)
     print(f"# {gpu}; copy bandwidth {roofline:.0f} GB/s; torch {torch.__version__}")
-    flush = torch.empty(256 << 20, dtype=torch.int8, device=device)  # 5x the L2
     print("times in us; 'host' = do_bench per call (includes Python and launch), 'graph' = CUDA graph replay "
           "(device time only); speedup, GB/s and roof % from the graph times")
     print(f"{'model':12} {'layer':8} {'N x K':>12} {'format':8} {'M':>4} {'bf16':>7} {'quant':>7} {'bf16':>7} "
@@ -159,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                     strategy, cfg = plan(w, m, x.dtype, tune)
                     bf16_fn, quant_fn = (lambda x=x, d=dense: x @ d.T), (lambda x=x, w=w: quant_matmul(x, w, tune))
                     bf16_ms, quant_ms = median_ms(bf16_fn), median_ms(quant_fn)
-                    bf16_graph, quant_graph = graph_ms(bf16_fn, flush), graph_ms(quant_fn, flush)
+                    bf16_graph, quant_graph = device_ms(bf16_fn), device_ms(quant_fn)
                     moved = w.nbytes + x.numel() * 2 + m * n * 2
                     gbps = moved / quant_graph / 1e6
                     print(f"{model:12} {layer:8} {f'{n}x{k}':>12} {fmt:8} {m:>4} {bf16_ms * 1e3:7.1f} "
