@@ -16,17 +16,6 @@ K_QUANTS = [QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K]
 IMATRIX_LEGACY = [QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The quantizers issue thousands of medium-sized torch ops; on the shared 2-core test machine every
-    OpenMP barrier can wait for a descheduled thread, which made these tests 10x slower. One thread
-    keeps them fast; throughput is measured in bench/gguf_quant_throughput.py."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def weights(cols: int, rows: int = 12, seed: int = 0) -> torch.Tensor:
     """Gaussian rows at different scales plus the rows that stress the searches."""
     g = torch.Generator().manual_seed(seed * 7919 + cols)

@@ -16,17 +16,6 @@ from cpmkit.convert.gguf_quantize import quantize_tensor
 from cpmkit.errors import CpmkitError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The quantizers issue thousands of medium-sized torch ops; on the shared 2-core test machine every
-    OpenMP barrier can wait for a descheduled thread, which made these tests 10x slower. One thread
-    keeps them fast; throughput is measured in bench/gguf_quant_throughput.py."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def minicpm_specs(n_layer: int, n_embd: int, n_ff: int, n_kv_dim: int, vocab: int, tied: bool):
     specs = [TensorSpec("token_embd.weight", (vocab, n_embd)), TensorSpec("output_norm.weight", (n_embd,))]
     if not tied:
