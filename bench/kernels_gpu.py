@@ -101,7 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         print("kernels_gpu: no CUDA device; nothing to measure")
         return 0
 
-    from cpmkit.kernels.dispatch import TuneCache, autotune, plan, quant_matmul, tune_key
+    from cpmkit.kernels.dispatch import (
+        TuneCache,
+        autotune,
+        plan,
+        quant_matmul,
+        tune_key,
+    )
     from cpmkit.kernels.timing import device_ms
 
     device = "cuda"

@@ -81,8 +81,8 @@ def inspect(path: str, as_json: bool, no_scan: bool, allow_nonfinite: bool) -> N
 def eval_(path: str, text_file: str | None, dataset: str | None, ctx: int, chunks: int | None, batch: int,
           as_json: bool, allow_nonfinite: bool) -> None:
     from cpmkit.checkpoint import Checkpoint
-    from cpmkit.verify.reference import evaluate_text
-    from cpmkit.verify.text import load_text
+    from cpmkit.models.text import load_text
+    from cpmkit.verify.evaluate import evaluate_text
 
     ck = Checkpoint.open(path, allow_nonfinite=allow_nonfinite)
     text = load_text(text_file, dataset)
@@ -162,7 +162,7 @@ def _imatrix(ck, imatrix_file: str | None, calib_file: str | None, save_to: Path
         return read_imatrix(imatrix_file)
     if calib_file:
         from cpmkit.convert.gguf_imatrix import compute_gguf_imatrix, save_gguf_imatrix
-        from cpmkit.verify.text import load_text
+        from cpmkit.models.text import load_text
 
         imatrix = compute_gguf_imatrix(ck, load_text(calib_file), ctx=ctx, max_chunks=chunks,
                                        dataset=Path(calib_file).name, progress=_progress("calibrating"))

@@ -28,12 +28,13 @@ import torch
 from safetensors.torch import save_file
 
 from cpmkit.checkpoint import Checkpoint
+from cpmkit.models import KVCache, build_model
+from cpmkit.models.reference import load_reference
+from cpmkit.models.windows import make_windows
 from cpmkit.spec import read_spec
 from cpmkit.testing import longrope_factors
 from cpmkit.tokenizer import Tokenizer
-from cpmkit.verify.models import KVCache, build_model
-from cpmkit.verify.perplexity import make_windows, perplexity
-from cpmkit.verify.reference import load_reference
+from cpmkit.verify.perplexity import perplexity
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "cpmkit" / "demo"

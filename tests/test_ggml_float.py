@@ -6,7 +6,14 @@ import torch
 
 from cpmkit.quant import kquant_search
 from cpmkit.quant.ggml_float import (
-    first_abs_max, first_min, lroundf, nearest_int, nearest_int_clamped, rdiv, sequential_sum, sqrt,
+    first_abs_max,
+    first_min,
+    lroundf,
+    nearest_int,
+    nearest_int_clamped,
+    rdiv,
+    sequential_sum,
+    sqrt,
 )
 
 

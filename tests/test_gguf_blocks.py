@@ -11,7 +11,11 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from cpmkit.convert import gguf_quantize
-from cpmkit.convert.gguf_quantize import QuantizeWorkers, dequantize_tensor, quantize_tensor
+from cpmkit.convert.gguf_quantize import (
+    QuantizeWorkers,
+    dequantize_tensor,
+    quantize_tensor,
+)
 from cpmkit.errors import CpmkitError
 from cpmkit.formats.gguf.blocks import block_type, dequantize
 from cpmkit.formats.gguf.layout import BLOCKS

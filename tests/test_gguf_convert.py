@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
+from gguf_helpers import LONGROPE_OVERRIDES, checkpoint, converted
 
 from cpmkit.convert.families import permute_rows, unpermute_rows
 from cpmkit.convert.gguf import convert_to_gguf, describe_gguf
 from cpmkit.errors import CpmkitError
 from cpmkit.testing.fixtures import SP_VOCAB
-from gguf_helpers import LONGROPE_OVERRIDES, checkpoint, converted
+
 
 def _f32(x: float) -> float:
     return float(np.float32(x))

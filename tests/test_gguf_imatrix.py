@@ -12,17 +12,21 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QType
 from gguf import GGUFReader
+from gguf_helpers import SAMPLE_TEXT, checkpoint, small_imatrix_q4_k_m
 
 from cpmkit.convert.families import permute_rows
-from cpmkit.convert.gguf_imatrix import compute_gguf_imatrix, importance, save_gguf_imatrix
+from cpmkit.convert.gguf_imatrix import (
+    compute_gguf_imatrix,
+    importance,
+    save_gguf_imatrix,
+)
 from cpmkit.convert.gguf_quantize import quantize_tensor
 from cpmkit.errors import CpmkitError
 from cpmkit.formats.gguf.imatrix import ImatrixData, ImatrixEntry, read_imatrix
+from cpmkit.models.layers import activation_fn, rope_cos_sin
+from cpmkit.models.reference import load_reference
+from cpmkit.models.windows import make_windows
 from cpmkit.tokenizer import Tokenizer
-from cpmkit.verify.models.layers import activation_fn, rope_cos_sin
-from cpmkit.verify.perplexity import make_windows
-from cpmkit.verify.reference import load_reference
-from gguf_helpers import SAMPLE_TEXT, checkpoint, small_imatrix_q4_k_m
 
 CTX = 32
 TEXT = SAMPLE_TEXT * 2

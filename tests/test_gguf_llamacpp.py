@@ -19,12 +19,23 @@ from __future__ import annotations
 import pytest
 import torch
 from gguf import LlamaFileType
+from gguf_helpers import (
+    LONGROPE_OVERRIDES,
+    SAMPLE_TEXT,
+    checkpoint,
+    converted,
+    llama_logits,
+    llama_quantize,
+    llama_tokenize,
+    reference_logits,
+    rel_error,
+    small_imatrix_q4_k_m,
+    top1_agreement,
+)
 
+from cpmkit.models.reference import load_reference
 from cpmkit.tokenizer import Tokenizer
 from cpmkit.verify.load_gguf import load_gguf_model
-from cpmkit.verify.reference import load_reference
-from gguf_helpers import (LONGROPE_OVERRIDES, SAMPLE_TEXT, checkpoint, converted, llama_logits, llama_quantize,
-                          llama_tokenize, reference_logits, rel_error, small_imatrix_q4_k_m, top1_agreement)
 
 pytest.importorskip("llama_cpp")
 

@@ -10,7 +10,13 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from cpmkit.convert.gguf_mix import (
-    GGUFFileType, TensorSpec, TypeOverride, choose_tensor_types, loader_order, tensor_type_fallback, use_more_bits,
+    GGUFFileType,
+    TensorSpec,
+    TypeOverride,
+    choose_tensor_types,
+    loader_order,
+    tensor_type_fallback,
+    use_more_bits,
 )
 from cpmkit.convert.gguf_quantize import quantize_tensor
 from cpmkit.errors import CpmkitError

@@ -9,7 +9,14 @@ from cpmkit.errors import CpmkitError
 from cpmkit.formats.gguf import blocks
 from cpmkit.formats.gguf.layout import BLOCKS
 from cpmkit.kernels import GGUF_KERNEL_TYPES, pack_gguf, pack_mlx
-from cpmkit.kernels.dispatch import Strategy, TuneCache, candidate_configs, default_config, plan, tune_key
+from cpmkit.kernels.dispatch import (
+    Strategy,
+    TuneCache,
+    candidate_configs,
+    default_config,
+    plan,
+    tune_key,
+)
 from cpmkit.kernels.gemm_tiled import GemmConfig
 from cpmkit.kernels.gemv_splitk import MAX_M as GEMV_KERNEL_MAX_M
 from cpmkit.kernels.gemv_splitk import GemvConfig

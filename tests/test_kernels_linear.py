@@ -4,7 +4,16 @@ tiles from the dispatcher) against the fallback, caching, state and errors."""
 import pytest
 import torch
 from gguf import GGMLQuantizationType as QType
-from kernel_weights import CASE_IDS, DEVICE, K, N, assert_within, gguf_weight, make_linear, quant_linear_args
+from kernel_weights import (
+    CASE_IDS,
+    DEVICE,
+    K,
+    N,
+    assert_within,
+    gguf_weight,
+    make_linear,
+    quant_linear_args,
+)
 
 from cpmkit.errors import CpmkitError
 from cpmkit.kernels import Backend, QuantLinear

@@ -6,7 +6,12 @@ import torch
 
 from cpmkit.errors import CpmkitError
 from cpmkit.formats.mlx_pack import pack_codes, unpack_codes
-from cpmkit.quant.affine import AFFINE_BITS, AFFINE_GROUP_SIZES, dequantize_affine, quantize_affine
+from cpmkit.quant.affine import (
+    AFFINE_BITS,
+    AFFINE_GROUP_SIZES,
+    dequantize_affine,
+    quantize_affine,
+)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A few rows of MiniCPM matrices: in-dims of MiniCPM-1B (1536), MiniCPM-2B (2304), MiniCPM4-8B (4096).

@@ -4,7 +4,12 @@ import pytest
 
 from cpmkit.errors import CpmkitError
 from cpmkit.quant.affine import AFFINE_GROUP_SIZES, AffineSpec
-from cpmkit.quant.mlx_recipes import MIXED_RECIPE_BITS, UniformRecipe, mixed_recipe, use_more_bits
+from cpmkit.quant.mlx_recipes import (
+    MIXED_RECIPE_BITS,
+    UniformRecipe,
+    mixed_recipe,
+    use_more_bits,
+)
 
 # In-dims chosen so the divisibility rule bites: intermediate 96 (down_proj in) is not a multiple
 # of 64 or 128, and MiniCPM3's kv_b_proj (in = kv_lora_rank 64) is not a multiple of 128.

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cpmkit.errors import CpmkitError
+from cpmkit.models import KVCache, build_model
 from cpmkit.spec import read_spec
-from cpmkit.verify.models import KVCache, build_model
 
 TOL = 1e-4  # max |delta logits| in float32
 BATCH = 2

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
+from test_verify import sample_text
 
 from cpmkit.cli import cli
 from cpmkit.convert.release import CHECKSUMS, SIDECAR, release, sha256_file
@@ -21,7 +22,6 @@ from cpmkit.convert.release_recipe import BUILTIN_RECIPES, release_options
 from cpmkit.errors import CpmkitError
 from cpmkit.testing import build_checkpoint
 from cpmkit.verify.report import read_report
-from test_verify import sample_text
 
 TARGETS = ("mlx:4", "gguf:Q4_0")
 FOLDERS = ("MiniCPM4-0.5B-4bit-g64-MLX", "MiniCPM4-0.5B-Q4_0-GGUF")

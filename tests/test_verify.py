@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -19,7 +18,7 @@ from cpmkit.convert.gguf import convert_to_gguf
 from cpmkit.convert.mlx import convert_to_mlx
 from cpmkit.errors import CpmkitError
 from cpmkit.testing import build_checkpoint
-from cpmkit.verify.reference import evaluate_text
+from cpmkit.verify.evaluate import evaluate_text
 from cpmkit.verify.report import KernelPath, read_report
 from cpmkit.verify.speed import BATCHES
 

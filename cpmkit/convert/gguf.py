@@ -30,12 +30,18 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from gguf import GGMLQuantizationType as QType
-from gguf import GGUFWriter, Keys, Metadata as ModelCard, size_label
+from gguf import GGUFWriter, Keys, size_label
+from gguf import Metadata as ModelCard
 
+from cpmkit.atomic import atomic_file
 from cpmkit.checkpoint import Checkpoint
 from cpmkit.convert import gguf_mix
-from cpmkit.atomic import atomic_file
-from cpmkit.convert.families import GGUFFamily, gguf_family, permute_rows, rope_factor_tensors
+from cpmkit.convert.families import (
+    GGUFFamily,
+    gguf_family,
+    permute_rows,
+    rope_factor_tensors,
+)
 from cpmkit.convert.gguf_imatrix import importance
 from cpmkit.convert.gguf_quantize import QuantizeWorkers
 from cpmkit.convert.targets import TARGETS, ternary_block_reason

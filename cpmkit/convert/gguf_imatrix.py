@@ -17,15 +17,15 @@ from typing import Callable, Iterable
 
 import torch
 
-from cpmkit.checkpoint import Checkpoint
 from cpmkit.atomic import atomic_file
+from cpmkit.checkpoint import Checkpoint
 from cpmkit.convert.families import gguf_family
 from cpmkit.errors import CpmkitError
 from cpmkit.formats.gguf.imatrix import ImatrixData, ImatrixEntry, write_imatrix
+from cpmkit.models.reference import load_reference
+from cpmkit.models.windows import make_windows
 from cpmkit.quant.imatrix import collect_activation_stats
 from cpmkit.tokenizer import Tokenizer
-from cpmkit.verify.perplexity import make_windows
-from cpmkit.verify.reference import load_reference
 
 BLOCK_PREFIX = "model.layers."  # llama-imatrix collects blk.* weights only
 

@@ -31,8 +31,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from cpmkit.checkpoint import Checkpoint
 from cpmkit.atomic import atomic_dir
+from cpmkit.checkpoint import Checkpoint
 from cpmkit.convert.targets import TARGETS
 from cpmkit.errors import CpmkitError
 from cpmkit.formats import mlx_folder

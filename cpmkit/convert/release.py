@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from cpmkit import __version__
-from cpmkit.checkpoint import DEMO_NAME, Checkpoint, is_hub_id
 from cpmkit.atomic import atomic_dir, atomic_file
+from cpmkit.checkpoint import DEMO_NAME, Checkpoint, is_hub_id
 from cpmkit.convert.release_card import CardFacts, model_card
 from cpmkit.convert.release_hub import HubDestination, check_push, upload_folder
 from cpmkit.convert.release_recipe import ReleaseOptions, release_options
@@ -45,8 +45,20 @@ from cpmkit.convert.targets import TARGETS
 from cpmkit.errors import CpmkitError
 from cpmkit.formats.mlx_folder import card_front_matter
 from cpmkit.verify.artifacts import describe_artifact
-from cpmkit.verify.report import Artifact, Report, merge_reports, read_report, write_report
-from cpmkit.verify.run import EvalText, ProgressFactory, Verifier, no_progress, write_report_files
+from cpmkit.verify.report import (
+    Artifact,
+    Report,
+    merge_reports,
+    read_report,
+    write_report,
+)
+from cpmkit.verify.run import (
+    EvalText,
+    ProgressFactory,
+    Verifier,
+    no_progress,
+    write_report_files,
+)
 
 SIDECAR = "cpmkit-release.json"
 SIDECAR_SCHEMA = "cpmkit.release-artifact/1"

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 
 from cpmkit.errors import CpmkitError
-from cpmkit.jsonfile import read_json_object
 from cpmkit.formats import safetensors as st
+from cpmkit.jsonfile import read_json_object
 from cpmkit.quant.affine import AffineSpec
 
 CONFIG_NAME = "config.json"

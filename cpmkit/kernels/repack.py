@@ -21,7 +21,13 @@ from cpmkit.errors import CpmkitError
 from cpmkit.formats.gguf.layout import BLOCKS
 from cpmkit.formats.gguf.quantized import QuantizedBlocks
 from cpmkit.formats.mlx_pack import unpack_codes
-from cpmkit.kernels.layout import AffineCodes, AffineLayout, PackedWeight, pack_affine, rows_per_chunk
+from cpmkit.kernels.layout import (
+    AffineCodes,
+    AffineLayout,
+    PackedWeight,
+    pack_affine,
+    rows_per_chunk,
+)
 
 # ---- GGUF: raw blocks -> QuantizedBlocks ------------------------------------------------------------
 

@@ -19,7 +19,14 @@ from __future__ import annotations
 import numpy as np
 
 from cpmkit.quant.ggml_float import (
-    GROUP_MAX_EPS, accepts_tensors, f32, first_abs_max, first_min, in_exact_range, nearest_int, rdiv,
+    GROUP_MAX_EPS,
+    accepts_tensors,
+    f32,
+    first_abs_max,
+    first_min,
+    in_exact_range,
+    nearest_int,
+    rdiv,
     sequential_sum,
 )
 

@@ -18,9 +18,21 @@ from gguf import GGMLQuantizationType as QType
 from cpmkit.formats.gguf.layout import QK_K
 from cpmkit.formats.gguf.quantized import QuantizedBlocks
 from cpmkit.quant.ggml_float import (
-    GROUP_MAX_EPS, first_abs_max, nearest_int, nearest_int_clamped, rdiv, sequential_sum, sqrt,
+    GROUP_MAX_EPS,
+    first_abs_max,
+    nearest_int,
+    nearest_int_clamped,
+    rdiv,
+    sequential_sum,
+    sqrt,
 )
-from cpmkit.quant.kquant_search import ZERO, make_q3_quants, make_qkx_quants, make_qp_quants, make_qx_quants
+from cpmkit.quant.kquant_search import (
+    ZERO,
+    make_q3_quants,
+    make_qkx_quants,
+    make_qp_quants,
+    make_qx_quants,
+)
 
 SCALE_LEVELS = 63  # 6-bit sub-block scales / mins of Q3_K..Q5_K
 Q2_SCALE_LEVELS = 15  # 4-bit sub-block scales / mins of Q2_K

@@ -13,7 +13,14 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from cpmkit.formats.gguf.quantized import QuantizedBlocks
-from cpmkit.quant.ggml_float import first_abs_max, first_min, lroundf, rdiv, sequential_sum, sqrt
+from cpmkit.quant.ggml_float import (
+    first_abs_max,
+    first_min,
+    lroundf,
+    rdiv,
+    sequential_sum,
+    sqrt,
+)
 from cpmkit.quant.kquant_search import make_qkx_quants, make_qx_quants
 
 QK = 32  # weights per block of the legacy types

@@ -22,8 +22,8 @@ from cpmkit.formats import mlx_folder
 from cpmkit.formats import safetensors as st
 from cpmkit.formats.gguf.file import is_gguf_file
 from cpmkit.kernels import Backend, QuantLinear
+from cpmkit.models import CausalLM
 from cpmkit.spec import ModelSpec
-from cpmkit.verify.models import CausalLM
 
 MLX_METADATA_FORMAT = "mlx"  # safetensors __metadata__ "format" of files mlx writes
 

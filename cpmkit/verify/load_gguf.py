@@ -26,8 +26,8 @@ from cpmkit.errors import CpmkitError
 from cpmkit.formats.gguf.blocks import dequantize
 from cpmkit.formats.gguf.file import GGUFContents, StoredTensor, read_gguf
 from cpmkit.kernels import Backend, QuantLinear
+from cpmkit.models import CausalLM, build_model
 from cpmkit.spec import ModelSpec, read_spec
-from cpmkit.verify.models import CausalLM, build_model
 
 FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)
 EMBEDDING = "model.embed_tokens"

@@ -33,9 +33,9 @@ from cpmkit.formats import mlx_folder
 from cpmkit.formats.mlx_folder import StoredTensor
 from cpmkit.formats.mlx_pack import unpack_codes
 from cpmkit.kernels import Backend, QuantLinear
+from cpmkit.models import CausalLM, build_model
 from cpmkit.quant.affine import AffineQuantized, AffineSpec, dequantize_affine
 from cpmkit.spec import ARCHITECTURES, Family, ModelSpec, RopeKind, read_spec
-from cpmkit.verify.models import CausalLM, build_model
 
 MLX_LM_FAMILIES = {"minicpm": Family.MINICPM, "minicpm3": Family.MINICPM3, "llama": Family.LLAMA}
 # ModelArgs defaults of mlx-lm 0.32.2 (models/minicpm.py, minicpm3.py, llama.py) where the checkpoint's own

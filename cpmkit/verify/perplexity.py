@@ -16,44 +16,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from cpmkit.errors import CpmkitError
+from cpmkit.models.windows import Windows
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # token ids [B, T] -> logits [B, T, V]
-
-
-@dataclass(frozen=True)
-class Windows:
-    """The evaluation windows: ``tokens`` [n_chunk, ctx] (first token already BOS where used)."""
-
-    tokens: torch.Tensor
-    ctx: int
-
-    @property
-    def first_scored(self) -> int:
-        return self.ctx // 2
-
-    @property
-    def targets(self) -> torch.Tensor:
-        """Next-token targets of the scored positions, [n_chunk, ctx - ctx//2 - 1]."""
-        return self.tokens[:, self.first_scored + 1 :]
-
-    @property
-    def n_scored(self) -> int:
-        return self.targets.numel()
-
-
-def make_windows(tokens: list[int], ctx: int, bos_id: int | None, max_chunks: int | None = None) -> Windows:
-    if ctx < 4:
-        raise CpmkitError(f"--ctx {ctx} is too small (at least 4 tokens)")
-    n_chunk = len(tokens) // ctx
-    if max_chunks is not None:
-        n_chunk = min(n_chunk, max_chunks)
-    if n_chunk < 1:
-        raise CpmkitError(f"the text has {len(tokens)} tokens, fewer than one window of --ctx {ctx}")
-    t = torch.tensor(tokens[: n_chunk * ctx], dtype=torch.long).reshape(n_chunk, ctx)
-    if bos_id is not None:
-        t[:, 0] = bos_id
-    return Windows(t, ctx)
 
 
 def scored_logprobs(logits_fn: LogitsFn, windows: Windows, batch: int = 1) -> Iterator[torch.Tensor]:

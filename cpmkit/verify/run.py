@@ -31,27 +31,32 @@ import numpy as np
 import torch
 
 from cpmkit import __version__
-from cpmkit.checkpoint import Checkpoint
 from cpmkit.atomic import atomic_file
+from cpmkit.checkpoint import Checkpoint
 from cpmkit.errors import CpmkitError
 from cpmkit.kernels import Backend
+from cpmkit.models import CausalLM
+from cpmkit.models.reference import load_reference
+from cpmkit.models.text import BUILTIN_TEXT, load_text
+from cpmkit.models.windows import Windows, make_windows
 from cpmkit.tokenizer import Tokenizer
 from cpmkit.verify import speed as speed_
-from cpmkit.verify.artifacts import LoadOptions, describe_artifact, detect_format, load_artifact
+from cpmkit.verify.artifacts import (
+    LoadOptions,
+    describe_artifact,
+    detect_format,
+    load_artifact,
+)
 from cpmkit.verify.html import write_html
 from cpmkit.verify.markdown import write_markdown
-from cpmkit.verify.models import CausalLM
 from cpmkit.verify.perplexity import (
     Divergence,
     DivergenceAccumulator,
     Perplexity,
-    Windows,
-    make_windows,
     nll_of,
     scored_logprobs,
     summarize_nll,
 )
-from cpmkit.verify.reference import load_reference
 from cpmkit.verify.report import (
     Artifact,
     Device,
@@ -69,7 +74,6 @@ from cpmkit.verify.report import (
     delta_ppl_pct,
     write_report,
 )
-from cpmkit.verify.text import BUILTIN_TEXT, load_text
 
 ProgressFactory = Callable[[str], Callable[[Iterable], Iterable]]  # description -> iterable wrapper
 SCORE_DTYPE = torch.float32

@@ -16,8 +16,8 @@ from typing import Callable
 import torch
 
 from cpmkit.kernels import QuantLinear
+from cpmkit.models import CausalLM, KVCache
 from cpmkit.verify.artifacts import quantized_linears
-from cpmkit.verify.models import CausalLM, KVCache
 from cpmkit.verify.report import LinearSpeed
 
 BATCHES = (1, 16, 256)  # decode, small-batch decode / speculative, prefill-sized

@@ -11,8 +11,14 @@ from typing import Any
 
 from gguf import Keys
 
-from cpmkit.convert.families import (DENSE_TENSOR_NAMES, PERMUTED_QK, GGUFFamily, config_from_gguf, register,
-                                     text_model_parameters)
+from cpmkit.convert.families import (
+    DENSE_TENSOR_NAMES,
+    PERMUTED_QK,
+    GGUFFamily,
+    config_from_gguf,
+    register,
+    text_model_parameters,
+)
 from cpmkit.formats.gguf.file import GGUFContents
 from cpmkit.formats.gguf.vocab import add_llama_vocab
 from cpmkit.spec import Family, ModelSpec

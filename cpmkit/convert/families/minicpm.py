@@ -15,8 +15,15 @@ from typing import Any
 
 from gguf import Keys
 
-from cpmkit.convert.families import (DENSE_TENSOR_NAMES, PERMUTED_QK, GGUFFamily, config_from_gguf,
-                                     longrope_context_keys, register, text_model_parameters)
+from cpmkit.convert.families import (
+    DENSE_TENSOR_NAMES,
+    PERMUTED_QK,
+    GGUFFamily,
+    config_from_gguf,
+    longrope_context_keys,
+    register,
+    text_model_parameters,
+)
 from cpmkit.formats.gguf.file import GGUFContents
 from cpmkit.formats.gguf.vocab import add_sentencepiece_vocab
 from cpmkit.spec import Family, ModelSpec

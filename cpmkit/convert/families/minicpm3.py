@@ -14,8 +14,14 @@ from typing import Any
 
 from gguf import Keys
 
-from cpmkit.convert.families import (DENSE_TENSOR_NAMES, LLAMA_CPP_ROPE_THETA, GGUFFamily, config_from_gguf,
-                                     longrope_context_keys, register)
+from cpmkit.convert.families import (
+    DENSE_TENSOR_NAMES,
+    LLAMA_CPP_ROPE_THETA,
+    GGUFFamily,
+    config_from_gguf,
+    longrope_context_keys,
+    register,
+)
 from cpmkit.convert.targets import LLAMA_CPP_MINICPM3_MUP
 from cpmkit.formats.gguf.file import GGUFContents
 from cpmkit.formats.gguf.vocab import add_sentencepiece_vocab

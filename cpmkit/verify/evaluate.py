@@ -1,23 +1,12 @@
-"""The BF16 reference: a checkpoint's weights, exactly as stored, run by cpmkit's torch forward."""
+"""``cpmkit eval``: the reference model's perplexity on a text, as llama-perplexity computes it."""
 
 from __future__ import annotations
 
-import torch
-
 from cpmkit.checkpoint import Checkpoint
+from cpmkit.models.reference import load_reference
+from cpmkit.models.windows import make_windows
 from cpmkit.tokenizer import Tokenizer
-from cpmkit.verify.models import build_model
-from cpmkit.verify.perplexity import Perplexity, make_windows, perplexity
-
-# Weights keep their stored values; matmuls run in float32, which represents every bf16/fp16 value exactly
-# and is the fast path of CPU BLAS.
-COMPUTE_DTYPE = torch.float32
-
-
-def load_reference(ck: Checkpoint, dtype: torch.dtype = COMPUTE_DTYPE, progress=iter):
-    model = build_model(ck.spec, dtype=dtype)
-    model.load_weights(progress(ck.stream()))
-    return model.eval()
+from cpmkit.verify.perplexity import Perplexity, perplexity
 
 
 def evaluate_text(ck: Checkpoint, text: str, *, ctx: int = 512, max_chunks: int | None = None, batch: int = 1,

@@ -12,10 +12,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cpmkit.models.causal_lm import CausalLM, Scales
+from cpmkit.models.layers import (
+    GatedMLP,
+    KVCache,
+    Linear,
+    LinearFactory,
+    RMSNorm,
+    activation_fn,
+    apply_rope,
+    causal_attention,
+)
 from cpmkit.spec import ModelSpec
-from cpmkit.verify.models.causal_lm import CausalLM, Scales
-from cpmkit.verify.models.layers import (GatedMLP, KVCache, Linear, LinearFactory, RMSNorm, activation_fn,
-                                         apply_rope, causal_attention)
 
 
 class MLAttention(nn.Module):

@@ -10,10 +10,10 @@ from types import ModuleType
 import torch
 
 from cpmkit.errors import CpmkitError
+from cpmkit.models import llama, minicpm, minicpm3
+from cpmkit.models.causal_lm import CausalLM
+from cpmkit.models.layers import KVCache, LinearFactory
 from cpmkit.spec import Family, ModelSpec
-from cpmkit.verify.models import llama, minicpm, minicpm3
-from cpmkit.verify.models.causal_lm import CausalLM
-from cpmkit.verify.models.layers import KVCache, LinearFactory
 
 FAMILY_MODULES: dict[Family, ModuleType] = {
     Family.MINICPM: minicpm,

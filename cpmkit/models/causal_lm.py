@@ -16,8 +16,15 @@ import torch
 from torch import nn
 
 from cpmkit.errors import CpmkitError
+from cpmkit.models.layers import (
+    DecoderLayer,
+    KVCache,
+    Linear,
+    LinearFactory,
+    RMSNorm,
+    rope_cos_sin,
+)
 from cpmkit.spec import DROPPED_TENSOR_SUFFIXES, ModelSpec
-from cpmkit.verify.models.layers import DecoderLayer, KVCache, Linear, LinearFactory, RMSNorm, rope_cos_sin
 
 # (spec, layer index, linear scoped to "model.layers.{i}.self_attn." or ".mlp.") -> module
 BlockBuilder = Callable[[ModelSpec, int, Linear], nn.Module]

@@ -12,9 +12,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cpmkit.models.causal_lm import CausalLM, Scales
+from cpmkit.models.layers import (
+    GatedMLP,
+    Linear,
+    LinearFactory,
+    activation_fn,
+    dense_attention,
+)
 from cpmkit.spec import ModelSpec
-from cpmkit.verify.models.causal_lm import CausalLM, Scales
-from cpmkit.verify.models.layers import GatedMLP, Linear, LinearFactory, activation_fn, dense_attention
 
 EXPERT_NAMES = ("w1", "w3", "w2")  # gate, up, down (Mixtral-style names under mlp.experts.{e})
 
