@@ -2,7 +2,7 @@
 
 Run by hand:  python bench/gguf_quant_throughput.py [--rows 4608 --cols 1536 --repeat 3 --workers N]
 
-Quantizes one MiniCPM5-1B-shaped float32 tensor with ``cpmkit.convert.gguf_quantize.quantize_tensor`` and
+Quantizes one MiniCPM5-1B-shaped float32 tensor with ``cpmkit.convert.gguf.quantize.quantize_tensor`` and
 with ``ggml_quantize_chunk`` from llama-cpp-python's libggml-base, and prints MB/s of float32 input:
 
 * on one thread: cpmkit with ``workers=1`` against the C on one thread (one llama-quantize worker);
@@ -30,7 +30,7 @@ from gguf import GGMLQuantizationType as QType
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from ggml_reference import ggml_quantize  # noqa: E402  (test helper: ctypes binding to libggml-base)
 
-from cpmkit.convert.gguf_quantize import (  # noqa: E402
+from cpmkit.convert.gguf.quantize import (  # noqa: E402
     QuantizeWorkers,
     default_workers,
     quantize_tensor,

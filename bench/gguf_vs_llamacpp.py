@@ -112,7 +112,7 @@ def timed(args: list[str]) -> tuple[float, float]:
 
 def step_convert(checkpoint: Path, out: Path, file_type: str) -> None:
     from cpmkit.checkpoint import Checkpoint
-    from cpmkit.convert.gguf import convert_to_gguf
+    from cpmkit.convert.gguf.convert import convert_to_gguf
 
     convert_to_gguf(Checkpoint.open(checkpoint), out, file_type=file_type, overwrite=True)
 
@@ -122,7 +122,7 @@ def step_quantize(src: Path, out: Path, file_type: str) -> None:
 
     import llama_cpp
 
-    from cpmkit.convert.gguf import file_type_named
+    from cpmkit.convert.gguf.convert import file_type_named
 
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_quantize_default_params()

@@ -56,8 +56,9 @@ def random_weight(fmt: str, n: int, k: int, device: str):
     """A random, valid packed weight of format ``fmt`` on ``device``."""
     from gguf import GGMLQuantizationType as QType
 
+    from cpmkit.convert.gguf.weight import pack_gguf
+    from cpmkit.convert.mlx.weight import pack_mlx
     from cpmkit.formats.gguf.layout import BLOCKS
-    from cpmkit.kernels import pack_gguf, pack_mlx
 
     if fmt in MLX_FORMATS:
         bits, group = MLX_FORMATS[fmt]

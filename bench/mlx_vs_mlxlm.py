@@ -36,10 +36,10 @@ import torch
 
 from cpmkit import checkpoint
 from cpmkit.checkpoint import Checkpoint
-from cpmkit.convert.mlx import plan_jobs
+from cpmkit.convert.mlx.convert import plan_jobs
 from cpmkit.formats import safetensors as st
-from cpmkit.formats.mlx_folder import index_tensors
-from cpmkit.formats.mlx_pack import pack_codes
+from cpmkit.formats.mlx.folder import index_tensors
+from cpmkit.formats.mlx.pack import pack_codes
 from cpmkit.formats.safetensors import StreamingWriter
 from cpmkit.quant.affine import quantize_affine
 from cpmkit.quant.mlx_recipes import UniformRecipe
@@ -79,7 +79,7 @@ def write_checkpoint(folder: Path, config: dict) -> int:
 
 
 CPMKIT = ("from pathlib import Path; import sys, torch; from cpmkit.checkpoint import Checkpoint; "
-          "from cpmkit.convert.mlx import convert_to_mlx; "
+          "from cpmkit.convert.mlx.convert import convert_to_mlx; "
           "torch.set_num_threads(int(sys.argv[3])) if len(sys.argv) > 3 else None; "
           "convert_to_mlx(Checkpoint.open(sys.argv[1]), Path(sys.argv[2]))")
 

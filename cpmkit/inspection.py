@@ -7,7 +7,7 @@ from collections import Counter
 from typing import Any, Callable, Iterable
 
 from cpmkit.checkpoint import Checkpoint
-from cpmkit.convert.targets import check_targets
+from cpmkit.convert.registry import FORMATS
 from cpmkit.quant.ternary import TernaryGranularity, coarsest_common, detect_ternary
 from cpmkit.tokenizer import Tokenizer
 
@@ -43,7 +43,8 @@ def describe(ck: Checkpoint, *, scan: bool = True, progress: Progress = iter) ->
     spec = ck.spec
     ternary = scan_weights(ck, progress) if scan else None
     granularity = TernaryGranularity(ternary["granularity"]) if ternary and ternary["ternary"] else None
-    targets = check_targets(spec, granularity) if scan else check_targets(spec, None)
+    targets = {kind: reason for plugin in FORMATS.values()
+               for kind, reason in plugin.capabilities(spec, granularity).items()}
     tok = Tokenizer(ck.root, ck.config)
     rope = dataclasses.asdict(spec.rope)
     rope["kind"] = spec.rope.kind.value

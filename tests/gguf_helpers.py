@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from cpmkit.checkpoint import Checkpoint
-from cpmkit.convert.gguf import convert_to_gguf
-from cpmkit.convert.gguf_imatrix import compute_gguf_imatrix, importance
+from cpmkit.convert.gguf.convert import convert_to_gguf
+from cpmkit.convert.gguf.imatrix import compute_gguf_imatrix, importance
 from cpmkit.formats.gguf.imatrix import ImatrixData, read_imatrix, write_imatrix
 from cpmkit.testing import build_checkpoint, longrope_factors
 

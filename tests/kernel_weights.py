@@ -81,7 +81,7 @@ def mlx_weight(bits: int, group_size: int, scale_dtype: str, seed: int = 0, n: i
 
 @functools.cache
 def quant_linear_args(case: str) -> tuple[dict, torch.Tensor]:
-    """(keyword arguments of ``QuantLinear.from_gguf`` / ``from_mlx``, oracle) for a CASE_IDS entry."""
+    """(keyword arguments of ``gguf_linear`` / ``mlx_linear``, oracle) for a CASE_IDS entry."""
     kind, *rest = case.split("-")
     if kind == "gguf":
         qtype = QType[rest[0]]
@@ -93,8 +93,9 @@ def quant_linear_args(case: str) -> tuple[dict, torch.Tensor]:
 
 
 def make_linear(case: str, **options):
-    from cpmkit.kernels import QuantLinear
+    from cpmkit.convert.gguf.weight import gguf_linear
+    from cpmkit.convert.mlx.weight import mlx_linear
 
     args, oracle = quant_linear_args(case)
-    build = QuantLinear.from_gguf if case.startswith("gguf") else QuantLinear.from_mlx
+    build = gguf_linear if case.startswith("gguf") else mlx_linear
     return build(**args, **options), oracle

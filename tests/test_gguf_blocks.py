@@ -10,8 +10,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QType
 
-from cpmkit.convert import gguf_quantize
-from cpmkit.convert.gguf_quantize import (
+from cpmkit.convert.gguf import quantize as gguf_quantize
+from cpmkit.convert.gguf.quantize import (
     QuantizeWorkers,
     dequantize_tensor,
     quantize_tensor,

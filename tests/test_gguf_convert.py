@@ -17,8 +17,9 @@ import torch
 from gguf import GGUFReader
 from gguf_helpers import LONGROPE_OVERRIDES, checkpoint, converted
 
-from cpmkit.convert.families import permute_rows, unpermute_rows
-from cpmkit.convert.gguf import convert_to_gguf, describe_gguf
+from cpmkit.convert.gguf.convert import convert_to_gguf
+from cpmkit.convert.gguf.describe import describe_gguf
+from cpmkit.convert.gguf.families import permute_rows, unpermute_rows
 from cpmkit.errors import CpmkitError
 from cpmkit.testing.fixtures import SP_VOCAB
 

@@ -14,13 +14,13 @@ from gguf import GGMLQuantizationType as QType
 from gguf import GGUFReader
 from gguf_helpers import SAMPLE_TEXT, checkpoint, small_imatrix_q4_k_m
 
-from cpmkit.convert.families import permute_rows
-from cpmkit.convert.gguf_imatrix import (
+from cpmkit.convert.gguf.families import permute_rows
+from cpmkit.convert.gguf.imatrix import (
     compute_gguf_imatrix,
     importance,
     save_gguf_imatrix,
 )
-from cpmkit.convert.gguf_quantize import quantize_tensor
+from cpmkit.convert.gguf.quantize import quantize_tensor
 from cpmkit.errors import CpmkitError
 from cpmkit.formats.gguf.imatrix import ImatrixData, ImatrixEntry, read_imatrix
 from cpmkit.models.layers import activation_fn, rope_cos_sin

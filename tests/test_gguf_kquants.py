@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType as QType
 pytest.importorskip("llama_cpp")
 from ggml_reference import ggml_quantize  # noqa: E402
 
-from cpmkit.convert.gguf_quantize import dequantize_tensor, quantize_tensor  # noqa: E402
+from cpmkit.convert.gguf.quantize import dequantize_tensor, quantize_tensor  # noqa: E402
 from cpmkit.formats.gguf.layout import BLOCKS  # noqa: E402
 
 K_QUANTS = [QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K]

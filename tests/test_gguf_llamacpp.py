@@ -33,9 +33,9 @@ from gguf_helpers import (
     top1_agreement,
 )
 
+from cpmkit.convert.gguf.load import load_gguf_model
 from cpmkit.models.reference import load_reference
 from cpmkit.tokenizer import Tokenizer
-from cpmkit.verify.load_gguf import load_gguf_model
 
 pytest.importorskip("llama_cpp")
 

@@ -1,4 +1,4 @@
-"""llama-quantize's per-tensor type mixtures (cpmkit.convert.gguf_mix): rule-level unit tests, and an
+"""llama-quantize's per-tensor type mixtures (cpmkit.convert.gguf.mix): rule-level unit tests, and an
 end-to-end check against the real llama_model_quantize on a tiny MiniCPM GGUF (types and bytes)."""
 
 import ctypes
@@ -9,7 +9,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QType
 
-from cpmkit.convert.gguf_mix import (
+from cpmkit.convert.gguf.mix import (
     GGUFFileType,
     TensorSpec,
     TypeOverride,
@@ -18,7 +18,7 @@ from cpmkit.convert.gguf_mix import (
     tensor_type_fallback,
     use_more_bits,
 )
-from cpmkit.convert.gguf_quantize import quantize_tensor
+from cpmkit.convert.gguf.quantize import quantize_tensor
 from cpmkit.errors import CpmkitError
 
 

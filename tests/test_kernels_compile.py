@@ -27,9 +27,10 @@ def _compile_all() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from cpmkit.convert.gguf.weight import KERNEL_TYPES as GGUF_KERNEL_TYPES
+    from cpmkit.convert.mlx.weight import mlx_layout
     from cpmkit.kernels.gemm_tiled import gemm_kernel
     from cpmkit.kernels.gemv_splitk import gemv_kernel
-    from cpmkit.kernels.repack import GGUF_KERNEL_TYPES, mlx_layout
 
     def compile_kernel(kernel, act: str, lay, d: str, sub: str, constants: dict, split: int) -> None:
         ptr = {"bf16": "*bf16", "fp32": "*fp32"}[act]

@@ -5,10 +5,12 @@ import torch
 from gguf import GGMLQuantizationType as QType
 from kernel_weights import K, N, gguf_weight, quant_linear_args
 
+from cpmkit.convert.gguf.weight import KERNEL_TYPES as GGUF_KERNEL_TYPES
+from cpmkit.convert.gguf.weight import pack_gguf
+from cpmkit.convert.mlx.weight import pack_mlx
 from cpmkit.errors import CpmkitError
 from cpmkit.formats.gguf import blocks
 from cpmkit.formats.gguf.layout import BLOCKS
-from cpmkit.kernels import GGUF_KERNEL_TYPES, pack_gguf, pack_mlx
 from cpmkit.kernels.dispatch import (
     Strategy,
     TuneCache,
@@ -21,7 +23,6 @@ from cpmkit.kernels.gemm_tiled import GemmConfig
 from cpmkit.kernels.gemv_splitk import MAX_M as GEMV_KERNEL_MAX_M
 from cpmkit.kernels.gemv_splitk import GemvConfig
 from cpmkit.kernels.layout import pack_plane
-from cpmkit.kernels.repack import unpack_gguf_blocks
 
 # Linear shapes (N, K) of MiniCPM4-8B and MiniCPM5-1B, as in bench/kernels_gpu.py
 MINICPM_SHAPES = [(4096, 4096), (256, 4096), (16384, 4096), (4096, 16384),
@@ -41,7 +42,7 @@ def test_unpacked_blocks_repack_to_the_same_bytes(qtype):
     # the GGUF owners' packer is an independent inverse of the kernels' bit unpacking
     raw, _ = gguf_weight(qtype, seed=3)
     flat = raw.reshape(-1, BLOCKS[qtype].type_size)
-    assert torch.equal(blocks.pack(unpack_gguf_blocks(flat, qtype)), flat)
+    assert torch.equal(blocks.pack(blocks.unpack(flat, qtype)), flat)
 
 
 @pytest.mark.parametrize("qtype,ratio", [(QType.Q8_0, 1.0), (QType.Q4_0, 1.0), (QType.Q5_0, 1.0),

@@ -15,8 +15,10 @@ from kernel_weights import (
     quant_linear_args,
 )
 
+from cpmkit.convert.gguf.weight import gguf_linear
+from cpmkit.convert.mlx.weight import mlx_linear
 from cpmkit.errors import CpmkitError
-from cpmkit.kernels import Backend, QuantLinear
+from cpmkit.kernels import Backend
 
 
 @pytest.mark.parametrize("case", CASE_IDS)
@@ -75,10 +77,10 @@ def test_replaced_or_overwritten_buffers_refresh_the_caches(backend):
 
 def test_buffers_are_the_artifact_tensors():
     args, _ = quant_linear_args("gguf-Q6_K")
-    linear = QuantLinear.from_gguf(**args)
+    linear = gguf_linear(**args)
     assert list(linear.state_dict()) == ["raw"] and torch.equal(linear.state_dict()["raw"], args["raw"])
     args, _ = quant_linear_args("mlx-5bit-g128-bfloat16")
-    linear = QuantLinear.from_mlx(**args)
+    linear = mlx_linear(**args)
     assert set(linear.state_dict()) == {"weight", "scales", "biases"}
     assert (linear.in_features, linear.out_features) == (K, N)
 
@@ -86,15 +88,15 @@ def test_buffers_are_the_artifact_tensors():
 def test_errors_name_the_tensor(monkeypatch):
     raw, _ = gguf_weight(QType.Q4_0)
     with pytest.raises(CpmkitError, match="blk.0.attn_q.weight: Q4_0 data"):
-        QuantLinear.from_gguf(raw[:, :-2], QType.Q4_0, (N, K), name="blk.0.attn_q.weight")
+        gguf_linear(raw[:, :-2], QType.Q4_0, (N, K), name="blk.0.attn_q.weight")
     with pytest.raises(CpmkitError, match="IQ4_XS has no cpmkit dequant-GEMM kernel"):
-        QuantLinear.from_gguf(raw, QType.IQ4_XS, (N, K))
+        gguf_linear(raw, QType.IQ4_XS, (N, K))
     args, _ = quant_linear_args("mlx-4bit-g64-float16")
     with pytest.raises(CpmkitError, match="bits=7"):
-        QuantLinear.from_mlx(**{**args, "bits": 7})
+        mlx_linear(**{**args, "bits": 7})
     with pytest.raises(CpmkitError, match="do not fit"):
-        QuantLinear.from_mlx(**{**args, "group_size": 32})
-    linear = QuantLinear.from_gguf(raw, QType.Q4_0, (N, K), backend=Backend.TRITON, name="lm_head")
+        mlx_linear(**{**args, "group_size": 32})
+    linear = gguf_linear(raw, QType.Q4_0, (N, K), backend=Backend.TRITON, name="lm_head")
     with pytest.raises(CpmkitError, match="lm_head: input of shape"):
         linear(torch.randn(2, K + 32))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -17,12 +17,13 @@ import pytest
 import torch
 
 from cpmkit.checkpoint import Checkpoint
-from cpmkit.convert.mlx import convert_to_mlx
+from cpmkit.convert.mlx.convert import convert_to_mlx
+from cpmkit.convert.mlx.load import load_mlx_model
 from cpmkit.errors import CpmkitError
-from cpmkit.formats import mlx_folder, safetensors
+from cpmkit.formats import safetensors
+from cpmkit.formats.mlx import folder as mlx_folder
 from cpmkit.spec import read_spec
 from cpmkit.testing import build_checkpoint, longrope_factors
-from cpmkit.verify.load_mlx import load_mlx_model
 
 mx = pytest.importorskip("mlx.core")
 mlx_nn = pytest.importorskip("mlx.nn")
@@ -183,7 +184,7 @@ def test_longrope_mlx_uses_long_factors_where_reference_agrees(sources, tmp_path
 def test_packed_tensors_equal_mx_quantize(sources, tmp_path, monkeypatch):
     """Every stored tensor is mx.quantize (or a plain cast) of the source tensor, bit for bit; a tied
     MiniCPM head is the embedding quantized on its own. Small row blocks make every tensor cross blocks."""
-    monkeypatch.setattr("cpmkit.convert.mlx.BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr("cpmkit.convert.mlx.convert.BLOCK_ELEMENTS", 1000)
     ck = Checkpoint.open(sources("minicpm3", {}))
     for options in ({}, {"recipe": "mixed_3_6", "dtype": "float16"}):
         folder = convert_to_mlx(ck, tmp_path / f"mlx{len(options)}", **options)
@@ -297,7 +298,7 @@ def test_output_is_atomic(sources, tmp_path):
                 raise OSError("disk full")
             yield job
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CpmkitError, match="disk full; nothing was left behind"):
         convert_to_mlx(ck, out, progress=failing)
     assert list(tmp_path.iterdir()) == []
 

@@ -5,7 +5,7 @@ import torch
 from test_mlx_quant import DTYPES, ROW_SHAPES, from_mx, raw_bits, to_mx, weight_rows
 
 from cpmkit.errors import CpmkitError
-from cpmkit.formats.mlx_pack import pack_codes
+from cpmkit.formats.mlx.pack import pack_codes
 from cpmkit.quant.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cpmkit.errors import CpmkitError
-from cpmkit.formats.mlx_pack import PACK_BITS, pack_codes, packed_width, unpack_codes
+from cpmkit.formats.mlx.pack import PACK_BITS, pack_codes, packed_width, unpack_codes
 
 
 def reference_words(row: list[int], bits: int) -> list[int]:
@@ -52,7 +52,7 @@ def test_round_trip_keeps_leading_dims(bits):
 @pytest.mark.parametrize("bits", PACK_BITS)
 def test_steps_match_bit_stream_reference(bits, monkeypatch):
     # 36 packs (288 bytes at 8 bits) in steps of 5: seven full steps and a partial one.
-    monkeypatch.setattr("cpmkit.formats.mlx_pack.STEP_PACKS", 5)
+    monkeypatch.setattr("cpmkit.formats.mlx.pack.STEP_PACKS", 5)
     gen = torch.Generator().manual_seed(200 + bits)
     codes = torch.randint(0, 1 << bits, (3, 96), generator=gen, dtype=torch.uint8)
     words = pack_codes(codes, bits)

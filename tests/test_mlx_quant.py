@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cpmkit.errors import CpmkitError
-from cpmkit.formats.mlx_pack import pack_codes, unpack_codes
+from cpmkit.formats.mlx.pack import pack_codes, unpack_codes
 from cpmkit.quant.affine import (
     AFFINE_BITS,
     AFFINE_GROUP_SIZES,

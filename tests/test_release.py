@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from test_verify import sample_text
 
 from cpmkit.cli import cli
-from cpmkit.convert.release import CHECKSUMS, SIDECAR, release, sha256_file
-from cpmkit.convert.release_recipe import BUILTIN_RECIPES, release_options
 from cpmkit.errors import CpmkitError
+from cpmkit.release.recipe import BUILTIN_RECIPES, release_options
+from cpmkit.release.shelf import CHECKSUMS, SIDECAR, release, sha256_file
 from cpmkit.testing import build_checkpoint
 from cpmkit.verify.report import read_report
 
@@ -151,9 +151,9 @@ def test_push_without_hub_writes_nothing(shelf, tmp_path):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("gguf:Q9_K", "unknown GGUF file type 'Q9_K'; one of"),
+    ("gguf:Q9_K", "gguf:Q9_K: GGUF file type 'Q9_K' is not supported; supported: F32"),
     ("mlx:7", "bits=7 is not supported"),
-    ("safetensors:Q4", "expected FORMAT:VARIANT"),
+    ("safetensors:Q4", "unknown format 'safetensors'; expected FORMAT[:VARIANT]"),
 ])
 def test_bad_target_spec(shelf, tmp_path, spec, message):
     result = CliRunner().invoke(cli, ["release", str(shelf.ck), str(tmp_path / "out"), "--to", spec])
@@ -167,7 +167,7 @@ def test_recipes(tmp_path):
     recipe.write_text('targets = ["gguf:Q8_0", "mlx:4"]\n[model]\nname = "tiny"\n'
                       '[verify]\nctx = 128\ntext = "eval.txt"\nspeed = false\n')
     options = release_options(("mlx:4bit-g64", "gguf:q2_k"), recipe, ctx=256)
-    assert [t.name for t in options.targets] == ["gguf:Q8_0", "mlx:4bit-g64", "gguf:Q2_K"]
+    assert [t.target.name for t in options.targets] == ["gguf:Q8_0", "mlx:4bit-g64", "gguf:Q2_K"]
     assert (options.ctx, options.name, options.speed, options.text) == (256, "tiny", False, tmp_path / "eval.txt")
     recipe.write_text('targets = ["gguf:Q8_0"]\n[verify]\ncontext = 128\n')
     with pytest.raises(CpmkitError, match="unknown key verify.context"):
@@ -175,4 +175,4 @@ def test_recipes(tmp_path):
     demo = release_options((), "demo")
     assert demo.targets and BUILTIN_RECIPES["demo"].is_file()
     assert {"gguf:Q8_0", "gguf:Q4_K_M", "gguf:Q4_0", "gguf:Q2_K", "mlx:8bit-g32", "mlx:4bit-g64",
-            "mlx:mixed_4_6-g64"} <= {t.name for t in demo.targets}
+            "mlx:mixed_4_6-g64"} <= {t.target.name for t in demo.targets}

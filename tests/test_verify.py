@@ -14,8 +14,8 @@ from click.testing import CliRunner
 import cpmkit.verify.run as run
 from cpmkit.checkpoint import Checkpoint
 from cpmkit.cli import cli
-from cpmkit.convert.gguf import convert_to_gguf
-from cpmkit.convert.mlx import convert_to_mlx
+from cpmkit.convert.gguf.convert import convert_to_gguf
+from cpmkit.convert.mlx.convert import convert_to_mlx
 from cpmkit.errors import CpmkitError
 from cpmkit.testing import build_checkpoint
 from cpmkit.verify.evaluate import evaluate_text
@@ -137,7 +137,7 @@ def test_not_an_artifact(artifacts, tmp_path):
     stray.write_text("hello")
     result = CliRunner().invoke(cli, ["verify", str(stray), "--reference", str(artifacts.ck)])
     assert result.exit_code == 1
-    assert result.output.count("\n") == 1 and "not an artifact cpmkit can verify" in result.output
+    assert result.output.count("\n") == 1 and "not an artifact cpmkit can read" in result.output
 
 
 def test_artifact_path_in_report(tmp_path):

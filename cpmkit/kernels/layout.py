@@ -7,7 +7,7 @@ Every format cpmkit writes decodes, per weight ``W[n, k]`` of a Linear weight ``
 with an unsigned integer code ``q``; only the numbers in :class:`AffineLayout` differ. Q4_0 is
 ``d * (q - 8)``; Q4_K is ``d * sc_j * q - dmin * m_j``; MLX affine is ``scale * q + bias``. So instead of
 one kernel per format, one decoder is specialised by the layout's constants (``tl.constexpr``), and
-each format only needs a load-time repack into :class:`PackedWeight` (``cpmkit.kernels.repack``).
+each format only needs a load-time repack into :class:`PackedWeight` (its plug-in's ``weight.py``).
 
 Why this layout is the fast one on a GPU (loading happens once per model, so repacking is free):
 

@@ -1,8 +1,8 @@
 """``QuantLinear``: a drop-in for ``nn.Linear`` that holds a quantized artifact's weight as stored.
 
-One module class for every format; a small frozen format object (:class:`GGUFWeight`,
-:class:`MLXAffineWeight`) knows the buffer names, how the format's own reader dequantizes them, and
-how to repack them for the kernels. The buffers are the artifact's tensors unchanged (so the
+One module class for every format; a small frozen weight-format object from the format's plug-in
+(:class:`WeightFormat`, e.g. ``cpmkit.convert.gguf.weight.GGUFWeight``) knows the buffer names, how the
+format's own reader dequantizes them, and how to repack them for the kernels. The buffers are the artifact's tensors unchanged (so the
 state_dict is the file's bytes), and forward runs one of:
 
 * Triton (``Backend.TRITON``, and ``Backend.AUTO`` on CUDA): the buffers are repacked once per device
@@ -10,7 +10,7 @@ state_dict is the file's bytes), and forward runs one of:
   on the GPU) and multiplied by the dequant-GEMM kernels; on CPU this needs ``TRITON_INTERPRET=1``
   (the tests).
 * torch (``Backend.TORCH``, and ``Backend.AUTO`` elsewhere): dequantize with the format owners' code
-  (``cpmkit.formats.gguf.blocks.dequantize``; ``cpmkit.formats.mlx_pack.unpack_codes`` with
+  (``cpmkit.formats.gguf.blocks.dequantize``; ``cpmkit.formats.mlx.pack.unpack_codes`` with
   ``cpmkit.quant.affine``) and multiply in float32. ``cache_dequantized=True`` keeps the float32 weight
   (4 bytes per weight) for repeated CPU forwards such as a perplexity run.
 
@@ -21,17 +21,14 @@ without it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
 import torch
-from gguf import GGMLQuantizationType as QType
 from torch import nn
 
 from cpmkit.errors import CpmkitError
-from cpmkit.formats.gguf.layout import BLOCKS
 from cpmkit.kernels.layout import PackedWeight
-from cpmkit.kernels.repack import gguf_kernel_type, mlx_layout, pack_gguf, pack_mlx
 
 
 class Backend(str, Enum):
@@ -40,72 +37,24 @@ class Backend(str, Enum):
     TORCH = "torch"  # dequantize with the format's reader, then a float32 matmul
 
 
-@dataclass(frozen=True)
-class GGUFWeight:
-    """A GGUF tensor: buffer ``raw`` uint8 ``[N, K / block_size * type_size]``, blocks along K."""
+class WeightFormat(Protocol):
+    """What a format plug-in's weight type provides (``cpmkit.convert.gguf.weight.GGUFWeight`` is one):
+    the names of the buffers it keeps, a check of their shapes and dtypes, its own reader's dequantization
+    to float32 ``[N, K]``, the repack into the kernel layout, and labels for tables and ``repr``."""
 
-    qtype: QType
     shape: tuple[int, int]  # (N, K)
-    buffer_names = ("raw",)
+    buffer_names: tuple[str, ...]
 
-    def check(self, raw: torch.Tensor, name: str) -> None:
-        gguf_kernel_type(self.qtype)  # raises for types without a kernel
-        n, k = self.shape
-        bl = BLOCKS[self.qtype]
-        if k % bl.block_size or raw.dtype != torch.uint8 or tuple(raw.shape) != (n, bl.row_bytes(k)):
-            raise CpmkitError(f"{name}: {self.qtype.name} data {raw.dtype} {tuple(raw.shape)} does not hold an "
-                              f"{n}x{k} weight; expected uint8 rows of K/{bl.block_size} blocks of "
-                              f"{bl.type_size} bytes")
+    @property
+    def label(self) -> str: ...
 
-    def dequantize(self, raw: torch.Tensor) -> torch.Tensor:
-        from cpmkit.formats.gguf.blocks import dequantize
+    def check(self, *buffers_and_name) -> None: ...
 
-        return dequantize(raw, self.qtype)
+    def dequantize(self, *buffers: torch.Tensor) -> torch.Tensor: ...
 
-    def pack(self, raw: torch.Tensor, name: str) -> PackedWeight:
-        return pack_gguf(raw, self.qtype, self.shape, name)
+    def pack(self, *buffers_and_name) -> PackedWeight: ...
 
-    def describe(self) -> str:
-        return f"gguf {self.qtype.name}"
-
-
-@dataclass(frozen=True)
-class MLXAffineWeight:
-    """An MLX affine-quantized weight: buffers ``weight`` uint32 ``[N, K*bits/32]``, ``scales`` and
-    ``biases`` ``[N, K/group_size]`` (float16/bfloat16/float32); ``w = scale * q + bias``."""
-
-    bits: int
-    group_size: int
-    shape: tuple[int, int]  # (N, K)
-    buffer_names = ("weight", "scales", "biases")
-
-    def check(self, weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, name: str) -> None:
-        mlx_layout(self.bits, self.group_size)  # raises for widths without a kernel
-        n, k = self.shape
-        if (weight.dtype not in (torch.uint32, torch.int32) or k % self.group_size
-                or tuple(weight.shape) != (n, k * self.bits // 32)
-                or tuple(scales.shape) != (n, k // self.group_size) or biases.shape != scales.shape):
-            raise CpmkitError(f"{name}: MLX weight {weight.dtype} {tuple(weight.shape)}, scales {tuple(scales.shape)}"
-                              f", biases {tuple(biases.shape)} do not fit {self.bits}-bit group-{self.group_size} "
-                              f"codes of an {n}x{k} weight")
-
-    def dequantize(self, weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
-        from cpmkit.formats.mlx_pack import unpack_codes
-        from cpmkit.quant.affine import AffineQuantized, AffineSpec, dequantize_affine
-
-        codes = unpack_codes(weight, self.bits, self.shape[1])
-        # float32 scales and biases: the affine product is formed in float32, as MLX's matmul kernels do
-        spec = AffineSpec(bits=self.bits, group_size=self.group_size)
-        return dequantize_affine(AffineQuantized(codes, scales.float(), biases.float(), spec))
-
-    def pack(self, weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, name: str) -> PackedWeight:
-        return pack_mlx(weight, scales, biases, self.bits, self.group_size, name)
-
-    def describe(self) -> str:
-        return f"mlx affine {self.bits}-bit group {self.group_size}"
-
-
-WeightFormat = GGUFWeight | MLXAffineWeight
+    def describe(self) -> str: ...
 
 
 class QuantLinear(nn.Module):
@@ -132,19 +81,6 @@ class QuantLinear(nn.Module):
         # derived from the buffers, each with the _source_key() it was built from
         self._packed: tuple[tuple, PackedWeight] | None = None
         self._dequantized: tuple[tuple, torch.Tensor] | None = None
-
-    @classmethod
-    def from_gguf(cls, raw: torch.Tensor, qtype: QType, shape: tuple[int, int], bias: torch.Tensor | None = None,
-                  **options) -> QuantLinear:
-        """``raw``: the tensor's bytes as stored, uint8 ``[N, row_bytes]``; ``shape``: ``(N, K)``."""
-        return cls(GGUFWeight(QType(qtype), (int(shape[0]), int(shape[1]))), {"raw": raw}, bias, **options)
-
-    @classmethod
-    def from_mlx(cls, weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int,
-                 group_size: int, bias: torch.Tensor | None = None, **options) -> QuantLinear:
-        shape = (weight.shape[0], weight.shape[-1] * 32 // bits)
-        fmt = MLXAffineWeight(bits, group_size, shape)
-        return cls(fmt, {"weight": weight, "scales": scales, "biases": biases}, bias, **options)
 
     def _source(self) -> list[torch.Tensor]:
         return [getattr(self, b) for b in self.fmt.buffer_names]

@@ -120,6 +120,10 @@ class CausalLM(nn.Module):
         tied it is the embedding used as a linear)."""
         return list(self._linear_names)
 
+    def tensor_names(self) -> list[str]:
+        """Every state_dict name ``load_weights`` fills (a tied head shares the embedding's)."""
+        return list(self._targets())
+
     def _head_is_tied(self) -> bool:
         head = getattr(self.lm_head, "weight", None)
         return head is not None and head is getattr(self.model.embed_tokens, "weight", None)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QType
 
-from cpmkit.formats.gguf.quantized import QuantizedBlocks
+from cpmkit.quant.blocks import QuantizedBlocks
 from cpmkit.quant.ggml_float import (
     first_abs_max,
     first_min,

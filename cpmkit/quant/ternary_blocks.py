@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QType
+from gguf.constants import QK_K
 
-from cpmkit.formats.gguf.layout import QK_K
-from cpmkit.formats.gguf.quantized import QuantizedBlocks
+from cpmkit.quant.blocks import QuantizedBlocks
 from cpmkit.quant.ggml_float import lroundf, rdiv
 
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from enum import Enum
 
 from cpmkit.verify.markdown import (
-    COLUMNS,
     Cell,
+    columns,
     format_count,
     format_int,
     format_ppl,
@@ -407,11 +407,12 @@ def _cell_html(cell: Cell) -> str:
 
 def _table(report: Report) -> str:
     colours = _colours(report)
-    head = "".join(f'<th class="{"num" if c.numeric else "text"}">{_esc(c.header)}</th>' for c in COLUMNS)
+    shown = columns(report)
+    head = "".join(f'<th class="{"num" if c.numeric else "text"}">{_esc(c.header)}</th>' for c in shown)
     rows = []
     for row in table_rows(report):
         cells = []
-        for i, (column, cell) in enumerate(zip(COLUMNS, row.cells, strict=True)):
+        for i, (column, cell) in enumerate(zip(shown, row.cells, strict=True)):
             content = _cell_html(cell)
             if i == 0:
                 colour = colours.get(row.key, "#57606a")

@@ -14,6 +14,7 @@ from enum import Enum
 from cpmkit.verify.report import DTYPE_BITS, Artifact, Device, Dtype, Report
 
 DASH = "—"
+NOISY_MARK = " ⚠"  # after a speed measured on a machine too busy to trust it
 
 
 # ---- number formats, one per kind of quantity ------------------------------------------------------------
@@ -131,7 +132,14 @@ def _throughput(a: Artifact, stage: str) -> Cell:
         return _text(DASH)
     rate, bf16 = getattr(e2e, f"{stage}_tok_s"), getattr(e2e, f"bf16_{stage}_tok_s")
     return (Part(format_rate(rate), f"speed.end_to_end.{stage}_tok_s", rate), Part(" ("),
-            Part(format_ratio(rate / bf16), f"speed.end_to_end.{stage}_speedup", rate / bf16), Part(")"))
+            Part(format_ratio(rate / bf16), f"speed.end_to_end.{stage}_speedup", rate / bf16),
+            Part(f"){NOISY_MARK}" if e2e.noisy else ")"))
+
+
+def _gate(a: Artifact) -> Cell:
+    if a.gate is None:
+        return _text(DASH)
+    return _text("pass" if a.gate.passed else "FAILED: " + "; ".join(a.gate.misses))
 
 
 def _reference_bpw(r: Report) -> Cell:
@@ -160,12 +168,19 @@ COLUMNS: tuple[Column, ...] = (
     Column("Prefill tok/s", True, lambda a: _throughput(a, "prefill"), lambda r: _text(DASH)),
     Column("Decode tok/s", True, lambda a: _throughput(a, "decode"), lambda r: _text(DASH)),
 )
+GATE_COLUMN = Column("Gate", False, _gate, lambda r: _text(DASH))
+
+
+def columns(report: Report) -> tuple[Column, ...]:
+    """The table's columns: a Gate column when a release held some artifact to quality gates."""
+    return COLUMNS + (GATE_COLUMN,) if any(a.gate is not None for a in report.artifacts) else COLUMNS
 
 
 def table_rows(report: Report) -> list[Row]:
     """The reference row, then one row per artifact in report order."""
-    rows = [Row("reference", tuple(c.reference(report) for c in COLUMNS))]
-    rows += [Row(a.name, tuple(c.artifact(a) for c in COLUMNS)) for a in report.artifacts]
+    shown = columns(report)
+    rows = [Row("reference", tuple(c.reference(report) for c in shown))]
+    rows += [Row(a.name, tuple(c.artifact(a) for c in shown)) for a in report.artifacts]
     return rows
 
 
@@ -192,6 +207,14 @@ def notes_lines(report: Report) -> list[str]:
         shape = (f"one sequence ({prompt}-token prompt, {generated} generated tokens)" if len(lengths) == 1
                  else "one sequence")
         lines.append(f"Speed: tokens/s for {shape}, on {where}; (n×) is the speedup over BF16 on the same device.")
+    noisy = [a.name for a in report.artifacts if a.speed is not None
+             and (any(lin.noisy for lin in a.speed.linears) or (a.speed.end_to_end and a.speed.end_to_end.noisy))]
+    if noisy:
+        lines.append(f"{NOISY_MARK.strip()} Speed of {', '.join(noisy)} was measured while the machine was busy "
+                     "(repeated timings spread by more than 25 %): do not trust those numbers.")
+    failed = [a.name for a in report.artifacts if a.gate is not None and not a.gate.passed]
+    if failed:
+        lines.append(f"Missed their quality gates (not published): {', '.join(failed)}.")
     return lines
 
 
@@ -208,8 +231,9 @@ def _md_escape(text: str) -> str:
 def write_markdown(report: Report) -> str:
     """A summary line, a table (reference row first) and notes, ready to paste into a model card."""
     report.validate()
-    header = "| " + " | ".join(c.header for c in COLUMNS) + " |"
-    rule = "|" + "|".join("---:" if c.numeric else "---" for c in COLUMNS) + "|"
+    shown = columns(report)
+    header = "| " + " | ".join(c.header for c in shown) + " |"
+    rule = "|" + "|".join("---:" if c.numeric else "---" for c in shown) + "|"
     body = ["| " + " | ".join(_md_escape(cell_text(cell)) for cell in row.cells) + " |"
             for row in table_rows(report)]
     notes = [f"_{line}_" for line in notes_lines(report)]

@@ -32,11 +32,11 @@ from cpmkit.atomic import atomic_file
 from cpmkit.errors import CpmkitError
 
 SCHEMA_NAME = "cpmkit.verify"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = f"{SCHEMA_NAME}/{SCHEMA_VERSION}"
 
 # KLD histogram edges, in nats: 4 log-spaced bins per decade from 1e-6 to 10, fixed by the schema version so
-# that every artifact of every version-1 report is binned alike.
+# that every artifact of every report of a version is binned alike.
 KLD_BINS_PER_DECADE = 4
 KLD_LOWEST_DECADE, KLD_HIGHEST_DECADE = -6, 1
 KLD_BIN_EDGES: tuple[float, ...] = tuple(
@@ -44,6 +44,7 @@ KLD_BIN_EDGES: tuple[float, ...] = tuple(
     for k in range(KLD_LOWEST_DECADE * KLD_BINS_PER_DECADE, KLD_HIGHEST_DECADE * KLD_BINS_PER_DECADE + 1))
 
 SHA256_PATTERN = "^[0-9a-f]{64}$"
+NOISY_SPREAD = 0.25  # relative interquartile range of repeated timings above which a speed is flagged
 # Relative tolerance for stored numbers that are functions of other stored numbers (delta_ppl_pct, speedup):
 # loose enough for any order of float operations, tight enough to catch a number from another run.
 DERIVED_RTOL = 1e-6
@@ -161,11 +162,15 @@ class LinearSpeed:
     quant_ms: float = _f("latency of the dequant-GEMM", "ms", exclusiveMinimum=0)
     bf16_ms: float = _f("latency of torch's BF16 matmul on the same device", "ms", exclusiveMinimum=0)
     speedup: float = _f("bf16_ms / quant_ms", "x", exclusiveMinimum=0)
+    spread: float = _f("the larger relative spread of the two timings: interquartile range / median of the "
+                       "repeats", "fraction", minimum=0)
+    noisy: bool = _f("spread > 0.25: the machine was too busy for this number to be trusted")
 
     @classmethod
     def measured(cls, shape: tuple[int, int], weight_type: str, batch: int, quant_ms: float,
-                 bf16_ms: float) -> LinearSpeed:
-        return cls(tuple(shape), weight_type, batch, quant_ms, bf16_ms, bf16_ms / quant_ms)
+                 bf16_ms: float, spread: float) -> LinearSpeed:
+        return cls(tuple(shape), weight_type, batch, quant_ms, bf16_ms, bf16_ms / quant_ms, spread,
+                   spread > NOISY_SPREAD)
 
 
 @dataclass(frozen=True)
@@ -178,6 +183,9 @@ class EndToEnd:
     decode_tok_s: float = _f("artifact decode throughput", "tokens/s", exclusiveMinimum=0)
     bf16_prefill_tok_s: float = _f("BF16 reference prefill throughput", "tokens/s", exclusiveMinimum=0)
     bf16_decode_tok_s: float = _f("BF16 reference decode throughput", "tokens/s", exclusiveMinimum=0)
+    spread: float = _f("the largest relative spread of the four timings: interquartile range / median of the "
+                       "repeats", "fraction", minimum=0)
+    noisy: bool = _f("spread > 0.25: the machine was too busy for these numbers to be trusted")
 
 
 @dataclass(frozen=True)
@@ -187,6 +195,16 @@ class Speed:
     device: Device = _f("where the speed was measured")
     linears: tuple[LinearSpeed, ...] = _f("per linear shape and batch; may be empty")
     end_to_end: EndToEnd | None = _f("whole-model throughput; null when not measured")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A release's quality budget for one artifact, and whether the artifact met it."""
+
+    max_kld: float | None = _f("largest mean KLD allowed; null: no limit", "nats", minimum=0)
+    max_delta_ppl: float | None = _f("largest ΔPPL allowed; null: no limit", "%", minimum=0)
+    passed: bool = _f("the artifact met every limit (a release does not push one that did not)")
+    misses: tuple[str, ...] = _f("each limit it missed, as a phrase (empty when passed)")
 
 
 @dataclass(frozen=True)
@@ -208,6 +226,7 @@ class Artifact:
                                "fraction", minimum=0, maximum=1)
     kld_histogram: KldHistogram = _f("distribution of per-token KLD")
     speed: Speed | None = _f("null when speed was not measured")
+    gate: Gate | None = _f("the quality budget a release held it to; null when it had none")
 
 
 @dataclass(frozen=True)
@@ -386,6 +405,17 @@ def _check_artifact(a: Artifact, report: Report, where: str) -> None:
             if not math.isclose(lin.speedup, lin.bf16_ms / lin.quant_ms, rel_tol=DERIVED_RTOL):
                 raise _bad(f"{at}.speedup", f"is {lin.speedup!r}, but bf16_ms / quant_ms is "
                            f"{lin.bf16_ms / lin.quant_ms!r}")
+            _check_noisy(lin, at)
+        if a.speed.end_to_end is not None:
+            _check_noisy(a.speed.end_to_end, f"{where}.speed.end_to_end")
+    if a.gate is not None and a.gate.passed != (not a.gate.misses):
+        raise _bad(f"{where}.gate.passed", f"is {a.gate.passed}, but the gate lists {len(a.gate.misses)} misses")
+
+
+def _check_noisy(timing: LinearSpeed | EndToEnd, where: str) -> None:
+    if timing.noisy != (timing.spread > NOISY_SPREAD):
+        raise _bad(f"{where}.noisy", f"is {timing.noisy}, but spread {timing.spread!r} is "
+                   f"{'above' if timing.spread > NOISY_SPREAD else 'within'} {NOISY_SPREAD}")
 
 
 def _kind(value: Any) -> str:
@@ -446,6 +476,9 @@ def _check(tp: Any, value: Any, where: str, meta: Any) -> None:
     elif tp is str:
         if not isinstance(value, str):
             raise _bad(where, f"must be a string, got {type(value).__name__}")
+    elif tp is bool:
+        if not isinstance(value, bool):
+            raise _bad(where, f"must be a boolean, got {type(value).__name__}")
     else:
         raise AssertionError(f"report field type {tp!r} has no check")
     _check_constraints(value, where, meta)
@@ -536,6 +569,10 @@ def _decode(tp: Any, value: Any, where: str) -> Any:
             raise _bad(where, f"is {value!r}; one of {', '.join(m.value for m in tp)}") from None
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _bad(where, f"must be a boolean, got {_kind(value)}")
+        return value
     if not isinstance(value, tp) or isinstance(value, bool):
         raise _bad(where, f"must be {'a number' if tp is float else 'an integer' if tp is int else 'a string'}, "
                    f"got {_kind(value)}")
@@ -575,5 +612,5 @@ def _bare_schema(tp: Any, meta: Any, defs: dict[str, Any]) -> dict[str, Any]:
         return {"$ref": f"#/$defs/{tp.__name__}"}
     if isinstance(tp, type) and issubclass(tp, Enum):
         return {"type": "string", "enum": [m.value for m in tp]}
-    kind = {int: "integer", float: "number", str: "string"}[tp]
+    kind = {int: "integer", float: "number", str: "string", bool: "boolean"}[tp]
     return {"type": kind, **{k: meta[k] for k in _SCHEMA_KEYS if k in meta}}

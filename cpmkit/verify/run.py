@@ -33,20 +33,17 @@ import torch
 from cpmkit import __version__
 from cpmkit.atomic import atomic_file
 from cpmkit.checkpoint import Checkpoint
+from cpmkit.convert.plugin import LoadOptions
+from cpmkit.convert.registry import artifact_plugin
 from cpmkit.errors import CpmkitError
 from cpmkit.kernels import Backend
 from cpmkit.models import CausalLM
 from cpmkit.models.reference import load_reference
 from cpmkit.models.text import BUILTIN_TEXT, load_text
 from cpmkit.models.windows import Windows, make_windows
+from cpmkit.spec import ModelSpec
 from cpmkit.tokenizer import Tokenizer
 from cpmkit.verify import speed as speed_
-from cpmkit.verify.artifacts import (
-    LoadOptions,
-    describe_artifact,
-    detect_format,
-    load_artifact,
-)
 from cpmkit.verify.html import write_html
 from cpmkit.verify.markdown import write_markdown
 from cpmkit.verify.perplexity import (
@@ -58,6 +55,7 @@ from cpmkit.verify.perplexity import (
     summarize_nll,
 )
 from cpmkit.verify.report import (
+    NOISY_SPREAD,
     Artifact,
     Device,
     DeviceType,
@@ -75,7 +73,7 @@ from cpmkit.verify.report import (
     write_report,
 )
 
-ProgressFactory = Callable[[str], Callable[[Iterable], Iterable]]  # description -> iterable wrapper
+ProgressFactory = Callable[[str, str], Callable[[Iterable], Iterable]]  # (description, unit) -> wrapper
 SCORE_DTYPE = torch.float32
 HASH_CHUNK = 1 << 24
 CACHE_ENV = "CPMKIT_CACHE"
@@ -84,7 +82,7 @@ CPU_SCORING_NOTE = "dequantized weights cached for scoring"
 CPU_SPEED_NOTE = "dequantize + matmul on every call"
 
 
-def no_progress(description: str) -> Callable[[Iterable], Iterable]:
+def no_progress(description: str, unit: str) -> Callable[[Iterable], Iterable]:
     return iter
 
 
@@ -187,9 +185,8 @@ class Verifier:
         self.speed_device = _device(self.device, CPU_SPEED_NOTE)
         self._reference_logprobs: np.ndarray | None = None
         self._reference_metrics: ReferenceMetrics | None = None
-        self._bf16_matmul = speed_.Bf16Matmul(self.device)
         self._decode_tokens: int | None = None
-        self._bf16_rates: tuple[float, float] | None = None  # BF16 reference prefill and decode tokens/s
+        self._bf16_timings: tuple[speed_.Timing, speed_.Timing] | None = None  # BF16 prefill and decode step
 
     # ---- the reference -----------------------------------------------------------------------------------
 
@@ -224,10 +221,10 @@ class Verifier:
         return stored.dtype == np.float32 and stored.shape == expected
 
     def _score_reference(self) -> np.ndarray:
-        model = load_reference(self.ck, SCORE_DTYPE, progress=self.progress("loading reference")).to(self.device)
+        model = load_reference(self.ck, SCORE_DTYPE, progress=self.progress("loading reference", "tensor")).to(self.device)
         windows = Windows(self.windows.tokens.to(self.device), self.windows.ctx)
         out = np.empty((*self.windows.targets.shape, self.ck.spec.vocab_size), dtype=np.float32)
-        for i, lp in enumerate(self.progress("scoring reference")(scored_logprobs(model, windows))):
+        for i, lp in enumerate(self.progress("scoring reference", "window")(scored_logprobs(model, windows))):
             out[i] = lp[0].cpu().numpy()
         return out
 
@@ -259,7 +256,7 @@ class Verifier:
         """Score the artifact at ``path``; ``report_path`` is where the report will say it is, ``variant``
         overrides the variant read from the artifact (a release names its targets)."""
         path = Path(path)
-        description = describe_artifact(path)
+        description = artifact_plugin(path).describe(path)
         variant = variant or description.variant
         model = load_artifact(path, self.ck.spec, LoadOptions(SCORE_DTYPE, Backend.AUTO,
                                                               cache_dequantized=self.device.type == "cpu"))
@@ -273,14 +270,14 @@ class Verifier:
             delta_ppl_pct=delta_ppl_pct(ppl.ppl, self.reference_metrics().ppl),
             kld=Kld(divergence.kld_mean, divergence.kld_p99, divergence.kld_max),
             top1_agreement=divergence.top1_agreement, kld_histogram=histogram,
-            speed=self._speed(path) if speed else None)
+            speed=self._speed(path) if speed else None, gate=None)
 
     def _score(self, model: CausalLM, description: str) -> tuple[Perplexity, Divergence, KldHistogram]:
         windows = Windows(self.windows.tokens.to(self.device), self.windows.ctx)
         targets = windows.targets
         divergence = DivergenceAccumulator()
         nll = []
-        for i, cand in enumerate(self.progress(description)(scored_logprobs(model, windows))):
+        for i, cand in enumerate(self.progress(description, "window")(scored_logprobs(model, windows))):
             divergence.add(self._window_logprobs(i), cand)
             nll.append(nll_of(cand, targets[i : i + 1]).cpu())
         ppl = summarize_nll(torch.cat(nll).flatten(), self.windows)
@@ -288,24 +285,25 @@ class Verifier:
         return ppl, result, KldHistogram.from_values(result.per_token_kld.numpy())
 
     def _speed(self, path: Path) -> Speed:
-        fmt = detect_format(path)
         model = load_artifact(path, self.ck.spec, LoadOptions(speed_.SPEED_DTYPE, Backend.AUTO,
                                                               cache_dequantized=False)).to(self.device)
-        linears = speed_.linear_speeds(model, fmt.weight_type, self.device, self._bf16_matmul)
+        linears = speed_.linear_speeds(model, self.device)
         prompt = self.windows.tokens[:1, : min(speed_.PREFILL_TOKENS, self.windows.ctx)].to(self.device)
         probed = speed_.decode_length(model, prompt)  # also warms the decode path up
         if self._decode_tokens is None:  # one length for the session, so every artifact and BF16 decode alike
             self._decode_tokens = probed
-        prefill = speed_.prefill_tok_s(model, prompt)
-        decode = speed_.decode_tok_s(model, prompt, self._decode_tokens)
+        prefill, decode = speed_.prefill(model, prompt), speed_.decode(model, prompt, self._decode_tokens)
         del model
-        if self._bf16_rates is None:
+        if self._bf16_timings is None:
             bf16 = load_reference(self.ck, speed_.SPEED_DTYPE).to(self.device)
             speed_.decode_step_seconds(bf16, prompt, 1)  # warm-up
-            self._bf16_rates = (speed_.prefill_tok_s(bf16, prompt), speed_.decode_tok_s(bf16, prompt,
-                                                                                        self._decode_tokens))
+            self._bf16_timings = (speed_.prefill(bf16, prompt), speed_.decode(bf16, prompt, self._decode_tokens))
+        bf16_prefill, bf16_decode = self._bf16_timings
+        spread = max(t.spread for t in (prefill, decode, bf16_prefill, bf16_decode))
+        rates = (speed_.tokens_per_s(prompt.shape[1], prefill), speed_.tokens_per_s(1, decode),
+                 speed_.tokens_per_s(prompt.shape[1], bf16_prefill), speed_.tokens_per_s(1, bf16_decode))
         return Speed(self.speed_device, linears,
-                     EndToEnd(prompt.shape[1], self._decode_tokens, prefill, decode, *self._bf16_rates))
+                     EndToEnd(prompt.shape[1], self._decode_tokens, *rates, spread, spread > NOISY_SPREAD))
 
 
 def verify_artifact(artifact: str | Path, reference: str | Path, *, text: str | Path | None = None,
@@ -321,12 +319,22 @@ def verify_artifact(artifact: str | Path, reference: str | Path, *, text: str | 
     :func:`default_cache_dir`). ``speed=False`` skips the speed measurements.
     """
     path = Path(artifact)
-    detect_format(path)  # a clear error before the reference is read
+    artifact_plugin(path)  # a clear error before the reference is read
     ck = Checkpoint.open(reference)
     verifier = Verifier(ck, str(reference), EvalText.load(text, dataset), ctx=ctx, chunks=chunks, device=device,
                         cache_dir=cache_dir, progress=progress)
     measured = verifier.measure(path, report_path=path_in_report(path, Path(report_dir or Path.cwd())), speed=speed)
     return verifier.empty_report().with_artifact(measured), measured.name
+
+
+def load_artifact(path: Path, reference_spec: ModelSpec, options: LoadOptions) -> CausalLM:
+    """The artifact's whole model, checked to predict over the reference's vocabulary."""
+    model = artifact_plugin(path).open(path, reference_spec, options).load()
+    if model.spec.vocab_size != reference_spec.vocab_size or model.spec.hidden_size != reference_spec.hidden_size:
+        raise CpmkitError(f"{path}: vocabulary {model.spec.vocab_size} / hidden size {model.spec.hidden_size} "
+                          f"differ from the reference's {reference_spec.vocab_size} / {reference_spec.hidden_size}; "
+                          "it was not converted from this checkpoint")
+    return model
 
 
 def write_report_files(report: Report, folder: str | Path) -> Path:

@@ -1,36 +1,47 @@
 """How fast an artifact runs on one device: each distinct quantized linear (shape and weight type) against
 torch's BF16 matmul at a few batch sizes, and whole-model prefill and KV-cache decode throughput.
 
-Measurements are short on purpose (a verify of a shelf of artifacts must stay quick): each timed call is
-warmed up once (Triton compiles, allocators settle), then repeated until ``TIMING_BUDGET_S`` has passed
-(at least ``MIN_REPEATS`` times), and the median is kept; decode throughput is one over the median step
-time. Inputs are random with a fixed seed (linears) or the evaluation's first tokens (whole model).
+Measurements are short on purpose (a verify of a shelf of artifacts must stay quick) but repeated, and every
+number comes with its spread (interquartile range over median of the repeats), so a measurement taken on a
+busy machine says so (``noisy`` in the report) instead of passing for a result. A linear is timed in
+alternation with its BF16 twin (quantized, BF16, quantized, ...), so a load that comes and goes hits both
+alike and their ratio stays honest. Each timed call is warmed up once (Triton compiles, allocators
+settle), then repeated until ``TIMING_BUDGET_S`` has passed (at least ``MIN_REPEATS`` times); decode
+throughput is one over the median step time. Inputs are random with a fixed seed (linears) or the
+evaluation's first tokens (whole model).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch import nn
 
 from cpmkit.kernels import QuantLinear
 from cpmkit.models import CausalLM, KVCache
-from cpmkit.verify.artifacts import quantized_linears
 from cpmkit.verify.report import LinearSpeed
 
 BATCHES = (1, 16, 256)  # decode, small-batch decode / speculative, prefill-sized
 SPEED_DTYPE = torch.bfloat16  # activations (and BF16 baseline weights) in every speed measurement
-TIMING_BUDGET_S = 0.05
-MIN_REPEATS = 5
+TIMING_BUDGET_S = 0.1
+MIN_REPEATS = 7
 MAX_REPEATS = 50
 PREFILL_TOKENS = 128
-PREFILL_REPEATS = 3
+PREFILL_REPEATS = 5
 DECODE_TOKENS = 16
 DECODE_BUDGET_S = 3.0  # decode stops early past this (CPU dequantizes every weight each step)
-MIN_DECODE_TOKENS = 4
+MIN_DECODE_TOKENS = 5
 SEED = 0
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    spread: float  # interquartile range / median of the repeats
 
 
 def _sync(device: torch.device) -> None:
@@ -38,60 +49,65 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, *, budget_s: float = TIMING_BUDGET_S,
-              min_repeats: int = MIN_REPEATS) -> float:
-    """Median wall time of ``fn()`` in milliseconds, after one warm-up call."""
+def summarize(seconds: list[float]) -> Timing:
+    """Median (in ms) and relative interquartile range of repeated wall times."""
+    median = statistics.median(seconds)
+    q1, _, q3 = statistics.quantiles(seconds, n=4, method="inclusive") if len(seconds) > 1 else (median,) * 3
+    return Timing(1e3 * median, (q3 - q1) / median if median > 0 else 0.0)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def paired_timings(fns: tuple[Callable[[], object], ...], device: torch.device, *, budget_s: float = TIMING_BUDGET_S,
+                   min_repeats: int = MIN_REPEATS) -> tuple[Timing, ...]:
+    """Timings of each of ``fns``, called in turn (one round calls each once) after one warm-up round."""
     with torch.no_grad():
-        fn()
-        _sync(device)
-        times: list[float] = []
-        start = time.perf_counter()
-        while len(times) < min_repeats or (len(times) < MAX_REPEATS and time.perf_counter() - start < budget_s):
-            t0 = time.perf_counter()
+        for fn in fns:
             fn()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        _sync(device)
+        times: list[list[float]] = [[] for _ in fns]
+        start = time.perf_counter()
+        while len(times[0]) < min_repeats or (len(times[0]) < MAX_REPEATS
+                                              and time.perf_counter() - start < budget_s):
+            for fn, seconds in zip(fns, times):
+                seconds.append(_timed(fn, device))
+    return tuple(summarize(seconds) for seconds in times)
 
 
-class Bf16Matmul:
-    """``x @ W.T`` latency in BF16 on one device, measured once per (shape, batch) and reused for every
-    artifact of a session."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self._ms: dict[tuple[tuple[int, int], int], float] = {}
-
-    def ms(self, shape: tuple[int, int], batch: int) -> float:
-        key = (shape, batch)
-        if key not in self._ms:
-            gen = torch.Generator().manual_seed(SEED)
-            w = torch.randn(shape, generator=gen).to(self.device, SPEED_DTYPE)
-            x = torch.randn(batch, shape[1], generator=gen).to(self.device, SPEED_DTYPE)
-            self._ms[key] = median_ms(lambda: x @ w.T, self.device)
-        return self._ms[key]
+def quantized_linears(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def linear_speeds(model: CausalLM, weight_type: Callable[[QuantLinear], str], device: torch.device,
-                  bf16: Bf16Matmul) -> tuple[LinearSpeed, ...]:
+def linear_speeds(model: CausalLM, device: torch.device) -> tuple[LinearSpeed, ...]:
     """One row per distinct (shape, weight type) of the model's quantized linears and batch size, ordered by
-    shape, type and batch."""
+    shape, type and batch; each against a random BF16 weight of its shape, timed in alternation."""
     distinct: dict[tuple[tuple[int, int], str], QuantLinear] = {}
     for module in quantized_linears(model).values():
-        distinct.setdefault(((module.out_features, module.in_features), weight_type(module)), module)
+        distinct.setdefault(((module.out_features, module.in_features), module.fmt.label), module)
     rows = []
     for (shape, wtype), module in sorted(distinct.items()):
+        gen = torch.Generator().manual_seed(SEED)
+        w = torch.randn(shape, generator=gen).to(device, SPEED_DTYPE)
         for batch in BATCHES:
-            x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(SEED)).to(device, SPEED_DTYPE)
-            quant = median_ms(lambda: module(x), device)
-            rows.append(LinearSpeed.measured(shape, wtype, batch, quant, bf16.ms(shape, batch)))
+            x = torch.randn(batch, shape[1], generator=gen).to(device, SPEED_DTYPE)
+            quant, bf16 = paired_timings((lambda: module(x), lambda: x @ w.T), device)
+            rows.append(LinearSpeed.measured(shape, wtype, batch, quant.median_ms, bf16.median_ms,
+                                             max(quant.spread, bf16.spread)))
     return tuple(rows)
 
 
-def prefill_tok_s(model: CausalLM, prompt: torch.Tensor) -> float:
-    """Tokens per second of one forward over ``prompt`` [1, P], without a cache."""
-    ms = median_ms(lambda: model(prompt), prompt.device, min_repeats=PREFILL_REPEATS)
-    return prompt.shape[1] / (ms / 1e3)
+def prefill(model: CausalLM, prompt: torch.Tensor) -> Timing:
+    """Wall time of one forward over ``prompt`` [1, P], without a cache."""
+    return paired_timings((lambda: model(prompt),), prompt.device, min_repeats=PREFILL_REPEATS)[0]
+
+
+def tokens_per_s(tokens: int, timing: Timing) -> float:
+    return tokens / (timing.median_ms / 1e3)
 
 
 def decode_step_seconds(model: CausalLM, prompt: torch.Tensor, tokens: int) -> list[float]:
@@ -110,9 +126,9 @@ def decode_step_seconds(model: CausalLM, prompt: torch.Tensor, tokens: int) -> l
     return times
 
 
-def decode_tok_s(model: CausalLM, prompt: torch.Tensor, tokens: int) -> float:
-    """Decode throughput: 1 / the median step time, so one descheduled step does not skew it."""
-    return 1.0 / statistics.median(decode_step_seconds(model, prompt, tokens))
+def decode(model: CausalLM, prompt: torch.Tensor, tokens: int) -> Timing:
+    """The median decoding step (throughput is one over it, so one descheduled step does not skew it)."""
+    return summarize(decode_step_seconds(model, prompt, tokens))
 
 
 def decode_length(model: CausalLM, prompt: torch.Tensor) -> int:

@@ -1,10 +1,11 @@
-"""GGUF block packers and dequantizers, one class per ggml type (gguf-py ``quants.py`` style, in torch).
+"""GGUF block packers and unpackers, one class per ggml type (gguf-py ``quants.py`` style, in torch).
 
-Each class registers itself by ``qtype`` and implements two methods on 2-D tensors:
+Each class registers itself by ``qtype`` and implements three methods on 2-D tensors:
 ``pack_blocks(q: QuantizedBlocks) -> uint8 (n_blocks, type_size)`` lays out codes and parameters as
-ggml-common.h declares them, and ``unpack_blocks(raw uint8 (n_blocks, type_size)) -> float32
-(n_blocks, block_size)`` dequantizes exactly like ggml's ``dequantize_row_*`` (same float32 operations
-in the same order, so results are bit-identical). Choosing codes is ``cpmkit.quant``'s job.
+ggml-common.h declares them; ``unpack_blocks(raw) -> QuantizedBlocks`` is its exact inverse (every bit
+layout is written here once: the kernels' load-time repack reads codes through it too); and
+``values(q) -> float32 (n_blocks, block_size)`` is ggml's ``dequantize_row_*`` arithmetic (same float32
+operations in the same order, so results are bit-identical). Choosing codes is ``cpmkit.quant``'s job.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from gguf import GGMLQuantizationType as QType
 
 from cpmkit.errors import CpmkitError
 from cpmkit.formats.gguf.layout import BLOCKS, BlockLayout
-from cpmkit.formats.gguf.quantized import QuantizedBlocks
+from cpmkit.quant.blocks import QuantizedBlocks
 
 DEQUANT_CHUNK_BYTES = 1 << 20  # raw bytes dequantized at once by dequantize(): bounds temporaries
 
@@ -38,7 +39,11 @@ class BlockType:
         raise NotImplementedError
 
     @classmethod
-    def unpack_blocks(cls, raw: torch.Tensor) -> torch.Tensor:
+    def unpack_blocks(cls, raw: torch.Tensor) -> QuantizedBlocks:
+        raise NotImplementedError
+
+    @classmethod
+    def values(cls, q: QuantizedBlocks) -> torch.Tensor:
         raise NotImplementedError
 
     @classmethod
@@ -49,9 +54,15 @@ class BlockType:
         return raw
 
     @classmethod
-    def unpack(cls, raw: torch.Tensor) -> torch.Tensor:
+    def unpack(cls, raw: torch.Tensor) -> QuantizedBlocks:
         assert raw.dtype == torch.uint8 and raw.dim() == 2 and raw.shape[1] == cls.layout.type_size, raw.shape
-        out = cls.unpack_blocks(raw)
+        q = cls.unpack_blocks(raw)
+        assert q.qtype == cls.qtype and q.codes.shape == (raw.shape[0], cls.layout.block_size), q.codes.shape
+        return q
+
+    @classmethod
+    def dequantize_blocks(cls, raw: torch.Tensor) -> torch.Tensor:
+        out = cls.values(cls.unpack(raw))
         assert out.dtype == torch.float32 and out.shape == (raw.shape[0], cls.layout.block_size), out.shape
         return out
 
@@ -69,6 +80,11 @@ def pack(q: QuantizedBlocks) -> torch.Tensor:
     return block_type(q.qtype).pack(q)
 
 
+def unpack(raw: torch.Tensor, qtype: QType) -> QuantizedBlocks:
+    """uint8 ``(n_blocks, type_size)`` -> the codes and parameters :func:`pack` was given."""
+    return block_type(qtype).unpack(raw)
+
+
 def dequantize(raw: torch.Tensor, qtype: QType) -> torch.Tensor:
     """uint8 ``[..., row_bytes]`` -> float32 ``[..., row_elements]``, exactly like ggml's dequantize_row_*."""
     cls = block_type(qtype)
@@ -81,7 +97,7 @@ def dequantize(raw: torch.Tensor, qtype: QType) -> torch.Tensor:
     out = torch.empty(blocks.shape[0], lay.block_size, device=raw.device)
     step = max(1, DEQUANT_CHUNK_BYTES // lay.type_size)
     for i in range(0, blocks.shape[0], step):
-        out[i : i + step] = cls.unpack(blocks[i : i + step])
+        out[i : i + step] = cls.dequantize_blocks(blocks[i : i + step])
     return out.reshape(*lead, row_bytes // lay.type_size * lay.block_size)
 
 
@@ -105,9 +121,14 @@ def _split_shifted(packed: torch.Tensor, dim: int, count: int, bits: int) -> tor
     return (packed.unsqueeze(dim) >> shifts.reshape(shape)) & ((1 << bits) - 1)
 
 
+def _d(f: dict[str, torch.Tensor], name: str = "d") -> torch.Tensor:
+    """A block's one float16 field, (n, 1) -> (n,)."""
+    return f[name][:, 0]
+
+
 def _f16(t: torch.Tensor) -> torch.Tensor:
-    """(n, 1) float16 field -> (n, 1) float32 (ggml's GGML_FP16_TO_FP32)."""
-    return t.float()
+    """(n,) float16 -> (n, 1) float32 (ggml's GGML_FP16_TO_FP32), for broadcasting over a block."""
+    return t.float()[:, None]
 
 
 def _sub_blocks(values: torch.Tensor, n_sub: int) -> torch.Tensor:
@@ -124,7 +145,11 @@ class F32(BlockType, qtype=QType.F32):
 
     @classmethod
     def unpack_blocks(cls, raw):
-        return raw.contiguous().view(torch.float32)
+        return QuantizedBlocks(cls.qtype, raw.contiguous().view(torch.float32))
+
+    @classmethod
+    def values(cls, q):
+        return q.codes
 
 
 class F16(BlockType, qtype=QType.F16):
@@ -134,7 +159,11 @@ class F16(BlockType, qtype=QType.F16):
 
     @classmethod
     def unpack_blocks(cls, raw):
-        return raw.contiguous().view(torch.float16).float()
+        return QuantizedBlocks(cls.qtype, raw.contiguous().view(torch.float16))
+
+    @classmethod
+    def values(cls, q):
+        return q.codes.float()
 
 
 class BF16(BlockType, qtype=QType.BF16):
@@ -145,7 +174,11 @@ class BF16(BlockType, qtype=QType.BF16):
 
     @classmethod
     def unpack_blocks(cls, raw):
-        return raw.contiguous().view(torch.bfloat16).float()
+        return QuantizedBlocks(cls.qtype, raw.contiguous().view(torch.bfloat16))
+
+    @classmethod
+    def values(cls, q):
+        return q.codes.float()
 
 
 # ---- 32-element blocks ---------------------------------------------------------------------------
@@ -159,7 +192,11 @@ class Q8_0(BlockType, qtype=QType.Q8_0):
     @classmethod
     def unpack_blocks(cls, raw):
         f = cls.layout.split_fields(raw)
-        return f["qs"].float() * _f16(f["d"])
+        return QuantizedBlocks(cls.qtype, f["qs"], d=_d(f))
+
+    @classmethod
+    def values(cls, q):
+        return q.codes.float() * _f16(q.d)
 
 
 def _nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -188,7 +225,11 @@ class Q4_0(BlockType, qtype=QType.Q4_0):
     @classmethod
     def unpack_blocks(cls, raw):
         f = cls.layout.split_fields(raw)
-        return (_unnibble(f["qs"]).float() - 8) * _f16(f["d"])
+        return QuantizedBlocks(cls.qtype, _unnibble(f["qs"]), d=_d(f))
+
+    @classmethod
+    def values(cls, q):
+        return (q.codes.float() - 8) * _f16(q.d)
 
 
 class Q4_1(BlockType, qtype=QType.Q4_1):
@@ -199,7 +240,11 @@ class Q4_1(BlockType, qtype=QType.Q4_1):
     @classmethod
     def unpack_blocks(cls, raw):
         f = cls.layout.split_fields(raw)
-        return _unnibble(f["qs"]).float() * _f16(f["d"]) + _f16(f["m"])
+        return QuantizedBlocks(cls.qtype, _unnibble(f["qs"]), d=_d(f), m=_d(f, "m"))
+
+    @classmethod
+    def values(cls, q):
+        return q.codes.float() * _f16(q.d) + _f16(q.m)
 
 
 class Q5_0(BlockType, qtype=QType.Q5_0):
@@ -210,8 +255,11 @@ class Q5_0(BlockType, qtype=QType.Q5_0):
     @classmethod
     def unpack_blocks(cls, raw):
         f = cls.layout.split_fields(raw)
-        q = _unnibble(f["qs"]) | _unfifth(f["qh"])
-        return (q.float() - 16) * _f16(f["d"])
+        return QuantizedBlocks(cls.qtype, _unnibble(f["qs"]) | _unfifth(f["qh"]), d=_d(f))
+
+    @classmethod
+    def values(cls, q):
+        return (q.codes.float() - 16) * _f16(q.d)
 
 
 class Q5_1(BlockType, qtype=QType.Q5_1):
@@ -223,8 +271,11 @@ class Q5_1(BlockType, qtype=QType.Q5_1):
     @classmethod
     def unpack_blocks(cls, raw):
         f = cls.layout.split_fields(raw)
-        q = _unnibble(f["qs"]) | _unfifth(f["qh"])
-        return q.float() * _f16(f["d"]) + _f16(f["m"])
+        return QuantizedBlocks(cls.qtype, _unnibble(f["qs"]) | _unfifth(f["qh"]), d=_d(f), m=_d(f, "m"))
+
+    @classmethod
+    def values(cls, q):
+        return q.codes.float() * _f16(q.d) + _f16(q.m)
 
 
 # ---- K-quant super-blocks of 256 ----------------------------------------------------------------
@@ -256,12 +307,12 @@ def _unpack_scale_min_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
-def _k_dequant(q: torch.Tensor, d: torch.Tensor, sc: torch.Tensor, dmin: torch.Tensor, mn: torch.Tensor):
+def _k_values(q: QuantizedBlocks) -> torch.Tensor:
     """value = (d*sc)*q - dmin*mn per sub-block, as dequantize_row_q{2,4,5}_K compute it."""
-    n_sub = sc.shape[1]
-    dl = (_f16(d) * sc.float())[:, :, None]
-    ml = (_f16(dmin) * mn.float())[:, :, None]
-    return (dl * _sub_blocks(q.float(), n_sub) - ml).reshape(q.shape[0], -1)
+    n_sub = q.scales.shape[1]
+    dl = (_f16(q.d) * q.scales.float())[:, :, None]
+    ml = (_f16(q.dmin) * q.mins.float())[:, :, None]
+    return (dl * _sub_blocks(q.codes.float(), n_sub) - ml).reshape(q.n_blocks, -1)
 
 
 class Q2_K(BlockType, qtype=QType.Q2_K):
@@ -274,7 +325,13 @@ class Q2_K(BlockType, qtype=QType.Q2_K):
     @classmethod
     def unpack_blocks(cls, raw):
         f = cls.layout.split_fields(raw)
-        return _k_dequant(_uncrumb(f["qs"]), f["d"], f["scales"] & 0xF, f["dmin"], f["scales"] >> 4)
+        s = f["scales"]  # low nibble: scale of sub-block j, high nibble: its min
+        return QuantizedBlocks(cls.qtype, _uncrumb(f["qs"]), d=_d(f), dmin=_d(f, "dmin"), scales=s & 0xF,
+                               mins=s >> 4)
+
+    @classmethod
+    def values(cls, q):
+        return _k_values(q)
 
 
 class Q3_K(BlockType, qtype=QType.Q3_K):
@@ -295,11 +352,15 @@ class Q3_K(BlockType, qtype=QType.Q3_K):
         s = f["scales"]
         low = torch.cat([s[:, :8] & 0xF, s[:, :8] >> 4], dim=1)
         high = _split_shifted(s[:, 8:], 1, 4, 2).reshape(-1, 16)
-        sc = (low | (high << 4)).to(torch.int16) - 32
         hbit = _split_shifted(f["hmask"], 1, 8, 1).reshape(-1, 256)
-        q = (_uncrumb(f["qs"]) | (hbit << 2)).to(torch.int16) - 4
-        dl = (_f16(f["d"]) * sc.float())[:, :, None]
-        return (dl * _sub_blocks(q.float(), 16)).reshape(-1, 256)
+        return QuantizedBlocks(cls.qtype, _uncrumb(f["qs"]) | (hbit << 2), d=_d(f), scales=low | (high << 4))
+
+    @classmethod
+    def values(cls, q):
+        sc = q.scales.to(torch.int16) - 32
+        codes = q.codes.to(torch.int16) - 4
+        dl = (_f16(q.d) * sc.float())[:, :, None]
+        return (dl * _sub_blocks(codes.float(), 16)).reshape(-1, 256)
 
 
 class Q4_K(BlockType, qtype=QType.Q4_K):
@@ -313,9 +374,13 @@ class Q4_K(BlockType, qtype=QType.Q4_K):
     @classmethod
     def unpack_blocks(cls, raw):
         f = cls.layout.split_fields(raw)
-        q = _split_shifted(f["qs"].reshape(-1, 4, 32), 2, 2, 4).reshape(-1, 256)
+        codes = _split_shifted(f["qs"].reshape(-1, 4, 32), 2, 2, 4).reshape(-1, 256)
         sc, mn = _unpack_scale_min_k4(f["scales"])
-        return _k_dequant(q, f["d"], sc, f["dmin"], mn)
+        return QuantizedBlocks(cls.qtype, codes, d=_d(f), dmin=_d(f, "dmin"), scales=sc, mins=mn)
+
+    @classmethod
+    def values(cls, q):
+        return _k_values(q)
 
 
 class Q5_K(BlockType, qtype=QType.Q5_K):
@@ -333,7 +398,11 @@ class Q5_K(BlockType, qtype=QType.Q5_K):
         low = _split_shifted(f["qs"].reshape(-1, 4, 32), 2, 2, 4).reshape(-1, 256)
         high = _split_shifted(f["qh"], 1, 8, 1).reshape(-1, 256)
         sc, mn = _unpack_scale_min_k4(f["scales"])
-        return _k_dequant(low | (high << 4), f["d"], sc, f["dmin"], mn)
+        return QuantizedBlocks(cls.qtype, low | (high << 4), d=_d(f), dmin=_d(f, "dmin"), scales=sc, mins=mn)
+
+    @classmethod
+    def values(cls, q):
+        return _k_values(q)
 
 
 class Q6_K(BlockType, qtype=QType.Q6_K):
@@ -351,9 +420,13 @@ class Q6_K(BlockType, qtype=QType.Q6_K):
         ql = f["ql"].reshape(-1, 2, 2, 32)
         low = torch.cat([ql & 0xF, ql >> 4], dim=2)  # (n, half, quarter, l)
         high = _split_shifted(f["qh"].reshape(-1, 2, 32), 2, 4, 2)
-        q = (low | (high << 4)).reshape(-1, 256).to(torch.int16) - 32
-        dl = (_f16(f["d"]) * f["scales"].float())[:, :, None]
-        return (dl * _sub_blocks(q.float(), 16)).reshape(-1, 256)
+        return QuantizedBlocks(cls.qtype, (low | (high << 4)).reshape(-1, 256), d=_d(f), scales=f["scales"])
+
+    @classmethod
+    def values(cls, q):
+        codes = q.codes.to(torch.int16) - 32
+        dl = (_f16(q.d) * q.scales.float())[:, :, None]
+        return (dl * _sub_blocks(codes.float(), 16)).reshape(-1, 256)
 
 
 # ---- ternary -------------------------------------------------------------------------------------
@@ -375,7 +448,7 @@ def _byte_to_trits(b: torch.Tensor, count: int) -> torch.Tensor:
     """(n, m) bytes -> (n, count, m) trits, as dequantize_row_tq1_0: ((uint8)(b*3^k) * 3) >> 8."""
     pow3 = torch.tensor([1, 3, 9, 27, 81][:count], dtype=torch.int32, device=b.device)[None, :, None]
     q = (b.to(torch.int32)[:, None, :] * pow3) & 0xFF
-    return (q * 3) >> 8
+    return ((q * 3) >> 8).to(torch.uint8)
 
 
 class TQ1_0(BlockType, qtype=QType.TQ1_0):
@@ -394,7 +467,11 @@ class TQ1_0(BlockType, qtype=QType.TQ1_0):
         t = torch.cat([_byte_to_trits(qs[:, :32], 5).reshape(-1, 160),
                        _byte_to_trits(qs[:, 32:], 5).reshape(-1, 80),
                        _byte_to_trits(f["qh"], 4).reshape(-1, 16)], dim=1)
-        return (t - 1).float() * _f16(f["d"])
+        return QuantizedBlocks(cls.qtype, t, d=_d(f))
+
+    @classmethod
+    def values(cls, q):
+        return (q.codes.to(torch.int16) - 1).float() * _f16(q.d)
 
 
 class TQ2_0(BlockType, qtype=QType.TQ2_0):
@@ -405,4 +482,8 @@ class TQ2_0(BlockType, qtype=QType.TQ2_0):
     @classmethod
     def unpack_blocks(cls, raw):
         f = cls.layout.split_fields(raw)
-        return (_uncrumb(f["qs"]).to(torch.int16) - 1).float() * _f16(f["d"])
+        return QuantizedBlocks(cls.qtype, _uncrumb(f["qs"]), d=_d(f))
+
+    @classmethod
+    def values(cls, q):
+        return (q.codes.to(torch.int16) - 1).float() * _f16(q.d)

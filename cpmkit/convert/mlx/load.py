@@ -1,7 +1,7 @@
 """Load an MLX folder (written by cpmkit or by ``mlx_lm.convert``) into cpmkit's reference model, so that the
 model computes what mlx-lm 0.32 computes with that folder, over the very same quantized weights.
 
-Quantized linears are ``cpmkit.kernels.QuantLinear.from_mlx`` (Triton on CUDA, dequantize-then-matmul on
+Quantized linears are ``cpmkit.convert.mlx.weight.mlx_linear`` (Triton on CUDA, dequantize-then-matmul on
 CPU) holding the folder's uint32/scales/biases tensors unchanged; a quantized embedding is a row gather
 followed by MLX's dequantization. The folder is read the way ``mlx_lm.utils.load_model`` reads it:
 
@@ -23,17 +23,19 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from cpmkit.convert.mlx.weight import mlx_linear
 from cpmkit.errors import CpmkitError
-from cpmkit.formats import mlx_folder
-from cpmkit.formats.mlx_folder import StoredTensor
-from cpmkit.formats.mlx_pack import unpack_codes
-from cpmkit.kernels import Backend, QuantLinear
+from cpmkit.formats.mlx import folder as mlx_folder
+from cpmkit.formats.mlx.folder import StoredTensor
+from cpmkit.formats.mlx.pack import unpack_codes
+from cpmkit.kernels import Backend
 from cpmkit.models import CausalLM, build_model
+from cpmkit.models.source import ModelSource
 from cpmkit.quant.affine import AffineQuantized, AffineSpec, dequantize_affine
 from cpmkit.spec import ARCHITECTURES, Family, ModelSpec, RopeKind, read_spec
 
@@ -74,13 +76,13 @@ class QuantEmbedding(nn.Module):
         return dequantize_affine(rows).to(self.dtype)
 
 
-def load_mlx_model(folder: str | Path, *, dtype: torch.dtype = torch.float32, backend: Backend = Backend.AUTO,
-                   cache_dequantized: bool = False, progress: Callable[[Iterable], Iterable] = iter
-                   ) -> tuple[CausalLM, ModelSpec]:
-    """The model mlx-lm would run from ``folder``, as cpmkit's reference model, and the spec it runs with.
+def open_mlx(folder: str | Path, *, dtype: torch.dtype = torch.float32, backend: Backend = Backend.AUTO,
+             cache_dequantized: bool = False) -> ModelSource:
+    """The model mlx-lm would run from ``folder``, as cpmkit's reference model read lazily.
 
     ``dtype`` is the float dtype of unquantized weights and activations; quantized weights stay as stored
-    (``backend`` and ``cache_dequantized`` go to every QuantLinear). ``progress`` wraps the tensor stream.
+    (``backend`` and ``cache_dequantized`` go to every QuantLinear). The folder's tensors are checked
+    against the model as mlx-lm's strict load checks them, before anything is read.
     """
     folder = Path(folder)
     config = mlx_folder.read_config(folder)
@@ -104,21 +106,50 @@ def load_mlx_model(folder: str | Path, *, dtype: torch.dtype = torch.float32, ba
             return nn.Linear(in_features, out_features, bias=False, dtype=dtype)
         weight, scales, biases = _placeholders(tensors, sources[name])
         q = quantized[name]
-        return QuantLinear.from_mlx(weight, scales, biases, q.bits, q.group_size, backend=backend,
-                                    cache_dequantized=cache_dequantized, name=name)
+        return mlx_linear(weight, scales, biases, q.bits, q.group_size, backend=backend,
+                          cache_dequantized=cache_dequantized, name=name)
 
-    model = build_model(spec, linear_factory=linear, dtype=dtype)
-    if EMBEDDING in quantized:
-        model.model.embed_tokens = QuantEmbedding(*_placeholders(tensors, EMBEDDING), quantized[EMBEDDING], dtype)
-    if spec.family is Family.MINICPM3 and head_from_embedding:
-        model.logit_divisor = 1.0  # minicpm3.py's tied head: embed_tokens.as_linear(out), no division
-    aliases = {}
-    if sources.get(HEAD) == EMBEDDING:
-        aliases = {f"{EMBEDDING}.{part}": f"{HEAD}.{part}" for part in QUANT_PARTS}
+    def build() -> CausalLM:
+        model = build_model(spec, linear_factory=linear, dtype=dtype)
+        if EMBEDDING in quantized:
+            model.model.embed_tokens = QuantEmbedding(*_placeholders(tensors, EMBEDDING), quantized[EMBEDDING],
+                                                      dtype)
+        if spec.family is Family.MINICPM3 and head_from_embedding:
+            model.logit_divisor = 1.0  # minicpm3.py's tied head: embed_tokens.as_linear(out), no division
+        return model
+
+    # a head tied to a quantized embedding reads the embedding's tensors
+    stored_as = {f"{HEAD}.{part}": f"{EMBEDDING}.{part}" for part in QUANT_PARTS} \
+        if sources.get(HEAD) == EMBEDDING else {}
     # llama's sanitize drops a tied checkpoint's lm_head.weight
     skipped = {f"{HEAD}.weight"} if head_from_embedding and spec.family is Family.LLAMA else set()
-    model.load_weights(progress(_stream(tensors, aliases, skipped)))
-    return model.eval(), spec
+    _check_strict(folder, build().tensor_names(), tensors, stored_as, skipped)
+
+    def read(names: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in names:
+            yield name, tensors[stored_as.get(name, name)].read()
+
+    return ModelSource(spec, build, read)
+
+
+def load_mlx_model(folder: str | Path, **options) -> tuple[CausalLM, ModelSpec]:
+    """:func:`open_mlx` (same options), loaded whole: (model, the spec it runs with)."""
+    source = open_mlx(folder, **options)
+    return source.load(), source.spec
+
+
+def _check_strict(folder: Path, names: list[str], tensors: dict[str, StoredTensor], stored_as: dict[str, str],
+                  skipped: set[str]) -> None:
+    """mlx-lm's ``load_weights(strict=True)``: every tensor in the folder has a place in the model, and every
+    place a tensor (a dtype mismatch shows when loading)."""
+    wanted = {stored_as.get(n, n) for n in names}
+    extra = sorted(set(tensors) - wanted - skipped - set(stored_as.values()))
+    if extra:
+        raise CpmkitError(f"{folder}: tensor {extra[0]} is not part of this {folder.name} model's config "
+                          f"({len(extra)} such tensors); mlx-lm's strict load refuses the folder")
+    missing = sorted(wanted - set(tensors))
+    if missing:
+        raise CpmkitError(f"{folder}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
 
 
 def _head_from_embedding(folder: Path, config: dict[str, Any], tensors: dict[str, StoredTensor]) -> bool:
@@ -166,9 +197,10 @@ def _quantized_modules(folder: Path, config: dict[str, Any], tensors: dict[str, 
     if modules and not isinstance(quantization, dict):
         raise CpmkitError(f"{folder}: {modules[0]}.scales is stored but config.json has no 'quantization' object")
     shapes = spec.tensor_shapes()
+    default = {k: quantization[k] for k in ("bits", "group_size", "mode") if k in quantization} if modules else {}
     out = {}
     for module in modules:
-        entry = quantization.get(module)
+        entry = quantization.get(module, default)
         if entry is False:
             raise CpmkitError(f"{folder}: config.json keeps {module} in float but {module}.scales is stored")
         shape = shapes.get(f"{module}.weight")
@@ -205,14 +237,3 @@ def _placeholders(tensors: dict[str, StoredTensor], module: str) -> tuple[torch.
     """Meta tensors of the stored shapes and dtypes; load_weights fills them."""
     return tuple(torch.empty(tensors[f"{module}.{p}"].shape, dtype=tensors[f"{module}.{p}"].dtype, device="meta")
                  for p in QUANT_PARTS)
-
-
-def _stream(tensors: dict[str, StoredTensor], aliases: dict[str, str],
-            skipped: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, stored in tensors.items():
-        if name in skipped:
-            continue
-        tensor = stored.read()
-        yield name, tensor
-        if name in aliases:
-            yield aliases[name], tensor  # the same storage: a head tied to a quantized embedding

@@ -6,7 +6,7 @@ model computes what llama.cpp computes with that file, over the very same stored
   unless the caller passes the source checkpoint's spec.
 * q/k rows are un-permuted (llama.cpp's interleaved rope pairs back to HF's rotate-half layout; for a
   quantized tensor whole rows of blocks move, so nothing is re-quantized), merged experts are split.
-* Quantized linears are ``cpmkit.kernels.QuantLinear.from_gguf`` holding the file's bytes; a quantized
+* Quantized linears are ``cpmkit.convert.gguf.weight.gguf_linear`` holding the file's bytes; a quantized
   token embedding dequantizes only the rows it looks up (llama.cpp's ``get_rows``); a file without
   ``output.weight`` uses the embedding as its head, quantized as stored.
 """
@@ -15,18 +15,20 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterator, Sequence
 
 import torch
 from gguf import GGMLQuantizationType as QType
 from torch import nn
 
-from cpmkit.convert.families import GGUFFamily, family_for_arch, unpermute_rows
+from cpmkit.convert.gguf.families import GGUFFamily, family_for_arch, unpermute_rows
+from cpmkit.convert.gguf.weight import gguf_linear
 from cpmkit.errors import CpmkitError
 from cpmkit.formats.gguf.blocks import dequantize
 from cpmkit.formats.gguf.file import GGUFContents, StoredTensor, read_gguf
-from cpmkit.kernels import Backend, QuantLinear
+from cpmkit.kernels import Backend
 from cpmkit.models import CausalLM, build_model
+from cpmkit.models.source import ModelSource
 from cpmkit.spec import ModelSpec, read_spec
 
 FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)
@@ -75,14 +77,13 @@ class _Source:
         return dequantize(self.raw(), self.qtype).reshape(shape)
 
 
-def load_gguf_model(path: str | Path, *, spec: ModelSpec | None = None, dtype: torch.dtype = torch.float32,
-                    backend: Backend = Backend.AUTO, cache_dequantized: bool = False,
-                    progress: Callable[[Iterable], Iterable] = iter) -> tuple[CausalLM, ModelSpec]:
-    """The model llama.cpp would run from the GGUF file at ``path``, as cpmkit's reference model, and the
-    spec it runs with (``spec``: use the source checkpoint's instead of reading it from the metadata).
+def open_gguf(path: str | Path, *, spec: ModelSpec | None = None, dtype: torch.dtype = torch.float32,
+              backend: Backend = Backend.AUTO, cache_dequantized: bool = False) -> ModelSource:
+    """The model llama.cpp would run from the GGUF file at ``path``, as cpmkit's reference model read lazily
+    (``spec``: run with the source checkpoint's spec instead of the one read from the metadata).
 
     ``dtype`` is the float dtype of unquantized weights and activations; quantized weights stay as stored
-    (``backend`` and ``cache_dequantized`` go to every QuantLinear). ``progress`` wraps the tensor stream."""
+    (``backend`` and ``cache_dequantized`` go to every QuantLinear)."""
     contents = read_gguf(path)
     family = family_for_arch(contents.architecture)
     spec = spec or spec_from_gguf(contents, family)
@@ -96,15 +97,31 @@ def load_gguf_model(path: str | Path, *, spec: ModelSpec | None = None, dtype: t
     def linear(name: str, in_features: int, out_features: int) -> nn.Module:
         if name not in quantized:
             return nn.Linear(in_features, out_features, bias=False, dtype=dtype)
-        return QuantLinear.from_gguf(quantized[name].placeholder(), quantized[name].qtype, (out_features, in_features),
-                                     backend=backend, cache_dequantized=cache_dequantized, name=name)
+        return gguf_linear(quantized[name].placeholder(), quantized[name].qtype, (out_features, in_features),
+                           backend=backend, cache_dequantized=cache_dequantized, name=name)
 
-    model = build_model(spec, linear_factory=linear, dtype=dtype)
-    if EMBEDDING in quantized:
-        model.model.embed_tokens = GGUFEmbedding(quantized[EMBEDDING].placeholder(), quantized[EMBEDDING].qtype,
-                                                 spec.hidden_size, dtype)
-    model.load_weights(progress(_stream(sources, quantized, skip_head=tied)))
-    return model.eval(), spec
+    def build() -> CausalLM:
+        model = build_model(spec, linear_factory=linear, dtype=dtype)
+        if EMBEDDING in quantized:
+            model.model.embed_tokens = GGUFEmbedding(quantized[EMBEDDING].placeholder(),
+                                                     quantized[EMBEDDING].qtype, spec.hidden_size, dtype)
+        return model
+
+    def read(names: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in names:
+            module, _, part = name.rpartition(".")
+            if module in quantized and part == "raw":
+                yield name, quantized[module].raw()
+            else:
+                yield name, sources[name].value()
+
+    return ModelSource(spec, build, read)
+
+
+def load_gguf_model(path: str | Path, **options) -> tuple[CausalLM, ModelSpec]:
+    """:func:`open_gguf` (same options), loaded whole: (model, the spec it runs with)."""
+    source = open_gguf(path, **options)
+    return source.load(), source.spec
 
 
 def spec_from_gguf(contents: GGUFContents, family: GGUFFamily) -> ModelSpec:
@@ -140,14 +157,3 @@ def _sources(contents: GGUFContents, family: GGUFFamily, spec: ModelSpec) -> dic
             raise CpmkitError(f"{contents.path}: {s.tensor.name} has shape {list(found)}, the metadata implies "
                               f"{list(shape)}")
     return out
-
-
-def _stream(sources: dict[str, _Source], quantized: dict[str, _Source],
-            skip_head: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for load_weights: float tensors dequantized, quantized modules' raw bytes."""
-    for name, source in sources.items():
-        module = name.removesuffix(".weight")
-        if module in quantized:
-            yield f"{module}.raw", source.raw()
-        elif not (skip_head and module == HEAD):  # a float tied head is the embedding Parameter itself
-            yield name, source.value()

@@ -8,7 +8,7 @@ The file is what llama.cpp's tools would produce from the same checkpoint (check
   MoE router F32, the rest the file type) and its key order (``ModelBase.prepare_metadata``).
 * Quantized files are that F32/BF16 file passed through ``llama-quantize``: tensors in the loader's order
   (``weight_name_comparer``: non-block tensors by name, then block by block), types from llama-quantize's
-  rules (``cpmkit.convert.gguf_mix``), data quantized from float32 (``cpmkit.convert.gguf_quantize``, with
+  rules (``cpmkit.convert.gguf.mix``), data quantized from float32 (``cpmkit.convert.gguf.quantize``, with
   the imatrix's per-column weights when given), and ``general.quantization_version`` and
   ``general.file_type`` moved to the end of the keys, followed by the ``quantize.imatrix.*`` keys.
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -35,18 +34,18 @@ from gguf import Metadata as ModelCard
 
 from cpmkit.atomic import atomic_file
 from cpmkit.checkpoint import Checkpoint
-from cpmkit.convert import gguf_mix
-from cpmkit.convert.families import (
+from cpmkit.convert.gguf import mix as gguf_mix
+from cpmkit.convert.gguf.capability import gguf_reason, ternary_block_reason
+from cpmkit.convert.gguf.families import (
     GGUFFamily,
     gguf_family,
     permute_rows,
     rope_factor_tensors,
 )
-from cpmkit.convert.gguf_imatrix import importance
-from cpmkit.convert.gguf_quantize import QuantizeWorkers
-from cpmkit.convert.targets import TARGETS, ternary_block_reason
+from cpmkit.convert.gguf.imatrix import importance
+from cpmkit.convert.gguf.quantize import QuantizeWorkers
 from cpmkit.errors import CpmkitError
-from cpmkit.formats.gguf.file import GGUFFileWriter, Metadata, TensorSlot, read_gguf
+from cpmkit.formats.gguf.file import GGUFFileWriter, Metadata, TensorSlot
 from cpmkit.formats.gguf.imatrix import ImatrixData
 from cpmkit.formats.torch_bin import load_state_dict
 from cpmkit.quant.ternary import detect_ternary
@@ -128,7 +127,7 @@ def _encoded(workers: QuantizeWorkers, data: torch.Tensor, qtype: QType, weights
 
 
 def _check_target(ck: Checkpoint, allow_scale_mismatch: bool) -> None:
-    reason = TARGETS["gguf"](ck.spec, None)
+    reason = gguf_reason(ck.spec)
     if reason is None:
         return
     scales_only = ck.spec.family is Family.MINICPM3  # the only reason the target gives for MiniCPM3
@@ -272,62 +271,3 @@ def _add_imatrix_keys(meta: Metadata, imatrix: ImatrixData) -> None:
     meta.put_last("quantize.imatrix.entries_count", len(imatrix.entries))
     if imatrix.chunk_count > 0:
         meta.put_last("quantize.imatrix.chunks_count", imatrix.chunk_count)
-
-
-# ---- inspection -----------------------------------------------------------------------------------------
-
-
-def describe_gguf(path: str | Path) -> dict[str, Any]:
-    """``cpmkit inspect OUT.gguf``: architecture, metadata (long arrays summarised), every tensor's type and
-    shape, file size and bits per weight."""
-    contents = read_gguf(path)
-    tensors = [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape)} for t in contents.tensors.values()]
-    n_weights = sum(math.prod(t.shape) for t in contents.tensors.values())
-    data_bytes = sum(t.raw.nbytes for t in contents.tensors.values())
-    type_counts = dict(Counter(t.qtype.name for t in contents.tensors.values()))
-    return {
-        "path": str(contents.path),
-        "architecture": contents.architecture,
-        "file_type": _file_type_name(contents.metadata.get(Keys.General.FILE_TYPE)),
-        "metadata": {k: _summary(v) for k, v in contents.metadata.items()},
-        "tensors": tensors,
-        "tensor_types": type_counts,
-        "parameters": n_weights,
-        "file_size": contents.path.stat().st_size,
-        "bits_per_weight": round(8 * data_bytes / n_weights, 4) if n_weights else None,
-    }
-
-
-def _file_type_name(value: int | None) -> str | None:
-    if value is None:
-        return None
-    return next((f.value for f in gguf_mix.GGUFFileType if f.llama_file_type == value), str(value))
-
-
-def _summary(value: Any) -> Any:
-    if isinstance(value, list) and len(value) > 8:
-        return {"count": len(value), "first": value[:4], "last": value[-2:]}
-    return value
-
-
-
-def format_gguf_text(info: dict[str, Any]) -> str:
-    """The human-readable form of :func:`describe_gguf`'s dict: a summary, then one line per tensor."""
-    meta = info["metadata"]
-    arch = info["architecture"]
-    shape_keys = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
-                  "attention.head_count_kv", "context_length", "expert_count")
-    shape = ", ".join(f"{k} {meta[f'{arch}.{k}']}" for k in shape_keys if f"{arch}.{k}" in meta)
-    tokens = meta.get(Keys.Tokenizer.LIST)
-    lines = [
-        info["path"],
-        f"  architecture  {arch}, file type {info['file_type']}",
-        f"  shape         {shape}",
-        f"  tokenizer     {meta.get(Keys.Tokenizer.MODEL)} / {meta.get(Keys.Tokenizer.PRE)}, "
-        f"{tokens['count'] if isinstance(tokens, dict) else len(tokens or [])} tokens",
-        f"  size          {info['file_size'] / 2**20:.2f} MiB, {info['parameters']:,} weights, "
-        f"{info['bits_per_weight']} bits per weight",
-        f"  types         {', '.join(f'{k} x{v}' for k, v in info['tensor_types'].items())}",
-    ]
-    lines += [f"    {t['name']:<36} {t['type']:<6} {t['shape']}" for t in info["tensors"]]
-    return "\n".join(lines)

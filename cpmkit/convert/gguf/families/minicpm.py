@@ -15,7 +15,7 @@ from typing import Any
 
 from gguf import Keys
 
-from cpmkit.convert.families import (
+from cpmkit.convert.gguf.families import (
     DENSE_TENSOR_NAMES,
     PERMUTED_QK,
     GGUFFamily,

@@ -33,11 +33,11 @@ import torch
 
 from cpmkit.atomic import atomic_dir
 from cpmkit.checkpoint import Checkpoint
-from cpmkit.convert.targets import TARGETS
+from cpmkit.convert.mlx.capability import mlx_reason
 from cpmkit.errors import CpmkitError
-from cpmkit.formats import mlx_folder
-from cpmkit.formats.mlx_folder import MlxFolderWriter, TensorSlot
-from cpmkit.formats.mlx_pack import pack_codes
+from cpmkit.formats.mlx import folder as mlx_folder
+from cpmkit.formats.mlx.folder import MlxFolderWriter, TensorSlot
+from cpmkit.formats.mlx.pack import pack_codes
 from cpmkit.quant.affine import AffineSpec, quantize_affine
 from cpmkit.quant.mlx_recipes import MlxRecipe, UniformRecipe, mixed_recipe
 from cpmkit.spec import Family, ModelSpec, RopeKind
@@ -87,7 +87,7 @@ class _Job:
 
 def convert_to_mlx(ck: Checkpoint, out_dir: Path, *, bits: int = 4, group_size: int = 64, recipe: str | None = None,
                    dtype: str | None = None, quantize: bool = True, overwrite: bool = False,
-                   progress: Progress = iter) -> Path:
+                   progress: Progress = iter, tokenizer: bool = True) -> Path:
     """Write ``ck`` as an mlx-lm folder at ``out_dir`` and return it.
 
     ``quantize``: every Linear and Embedding becomes MLX affine ``bits``/``group_size`` (a mixed
@@ -96,14 +96,18 @@ def convert_to_mlx(ck: Checkpoint, out_dir: Path, *, bits: int = 4, group_size: 
     (float16/bfloat16/float32) is the float dtype of everything else, scales included; default: the
     config's ``torch_dtype``, else the embedding's stored dtype. ``progress`` wraps the per-tensor loop
     (a list of jobs, so ``len`` works). The folder appears only when complete; an existing ``out_dir``
-    is refused unless ``overwrite``.
+    is refused unless ``overwrite``. A checkpoint without tokenizer files is refused (mlx-lm cannot load
+    such a folder) unless ``tokenizer`` is False.
 
-    Raises CpmkitError for a checkpoint mlx-lm cannot run correctly (see cpmkit.convert.targets) and for
+    Raises CpmkitError for a checkpoint mlx-lm cannot run correctly (``capability.mlx_reason``) and for
     invalid options.
     """
-    reason = TARGETS["mlx"](ck.spec, None)
+    reason = mlx_reason(ck.spec)
     if reason:
         raise CpmkitError(f"{ck.root}: cannot convert to MLX: {reason}")
+    if tokenizer and not mlx_folder.has_tokenizer(ck.root):
+        raise CpmkitError(f"{ck.root}: no tokenizer files ({' or '.join(mlx_folder.TOKENIZER_FILES)}); mlx-lm cannot "
+                          "load a folder without one (--no-tokenizer writes it anyway)")
     plan_recipe = _recipe(bits, group_size, recipe, quantize)
     dtype_name = _dtype_name(ck, dtype)
     out_dtype = MLX_DTYPES[dtype_name]
@@ -265,42 +269,51 @@ def _write_card(folder: Path, title: str, ck: Checkpoint, config: dict[str, Any]
         what = f"{plan_recipe.bits}-bit affine quantization (group size {plan_recipe.group_size})"
     source = f"[{base}](https://huggingface.co/{base})" if base else f"{ck.spec.architecture} checkpoint"
     summary = f"MLX version of {source}, converted by cpmkit: {what}, {dtype_name} scales and norms."
-    mlx_folder.write_model_card(folder, title=title, summary=summary, usage=_usage(title, config),
+    mlx_folder.write_model_card(folder, title=title, summary=summary, usage=usage(title, config),
                                 base_model=base, license_keys=mlx_folder.card_front_matter(ck.root))
 
 
-def _usage(path: str, config: dict[str, Any]) -> str:
+def usage(model: str, config: dict[str, Any]) -> str:
+    """The card's "Run it" section for the folder or Hub repo ``model`` with this ``config``."""
     install = 'pip install mlx-lm          # Linux without Apple silicon: pip install "mlx-lm[cpu]"'
+    lm_studio = f"[LM Studio](https://lmstudio.ai) on Apple silicon: `lms get {model}`."
     if needs_tokenizer_workaround(config):
-        return f"""## Use with mlx-lm
+        return f"""## Run it
+
+[mlx-lm](https://github.com/ml-explore/mlx-lm) (`{model}`, or the path of this folder):
 
 ```bash
 {install}
 ```
 
-transformers 5 cannot build the tokenizer of a LongRoPE `minicpm` config on its own (the model itself
-loads fine), so pass a placeholder config to the tokenizer; `mlx_lm.generate --model` fails for the same
-reason.
+transformers 5 cannot build the tokenizer of a LongRoPE `minicpm` config by itself (the model loads
+fine), so give the tokenizer a placeholder config; `mlx_lm.generate --model` fails for the same reason.
 
 ```python
 from mlx_lm import generate, load
 from transformers import PretrainedConfig
 
-model, tokenizer = load("{path}", tokenizer_config={{"config": PretrainedConfig()}})
+model, tokenizer = load("{model}", tokenizer_config={{"config": PretrainedConfig()}})
 print(generate(model, tokenizer, prompt="Hello", max_tokens=64))
 ```
+
+{lm_studio}
 """
-    return f"""## Use with mlx-lm
+    return f"""## Run it
+
+[mlx-lm](https://github.com/ml-explore/mlx-lm) (`{model}`, or the path of this folder):
 
 ```bash
 {install}
-mlx_lm.generate --model {path} --prompt "Hello"
+mlx_lm.generate --model {model} --prompt "Hello"
 ```
 
 ```python
 from mlx_lm import generate, load
 
-model, tokenizer = load("{path}")
+model, tokenizer = load("{model}")
 print(generate(model, tokenizer, prompt="Hello", max_tokens=64))
 ```
+
+{lm_studio}
 """

@@ -25,8 +25,8 @@ from gguf import GGMLQuantizationType as QType
 
 from cpmkit.errors import CpmkitError
 from cpmkit.formats.gguf.blocks import block_type, dequantize
-from cpmkit.formats.gguf.quantized import QuantizedBlocks
 from cpmkit.quant import kquants, legacy, ternary_blocks
+from cpmkit.quant.blocks import QuantizedBlocks
 
 Quantizer = Callable[[np.ndarray, "np.ndarray | None"], QuantizedBlocks]
 

@@ -19,7 +19,7 @@ import torch
 
 from cpmkit.atomic import atomic_file
 from cpmkit.checkpoint import Checkpoint
-from cpmkit.convert.families import gguf_family
+from cpmkit.convert.gguf.families import gguf_family
 from cpmkit.errors import CpmkitError
 from cpmkit.formats.gguf.imatrix import ImatrixData, ImatrixEntry, write_imatrix
 from cpmkit.models.reference import load_reference

@@ -14,7 +14,8 @@ from typing import Any
 
 from gguf import Keys
 
-from cpmkit.convert.families import (
+from cpmkit.convert.gguf.capability import LLAMA_CPP_MINICPM3_MUP
+from cpmkit.convert.gguf.families import (
     DENSE_TENSOR_NAMES,
     LLAMA_CPP_ROPE_THETA,
     GGUFFamily,
@@ -22,7 +23,6 @@ from cpmkit.convert.families import (
     longrope_context_keys,
     register,
 )
-from cpmkit.convert.targets import LLAMA_CPP_MINICPM3_MUP
 from cpmkit.formats.gguf.file import GGUFContents
 from cpmkit.formats.gguf.vocab import add_sentencepiece_vocab
 from cpmkit.spec import Family, ModelSpec

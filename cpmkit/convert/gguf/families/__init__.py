@@ -97,7 +97,7 @@ def register(family: Family, gguf_family: GGUFFamily) -> GGUFFamily:
 
 
 def gguf_family(spec: ModelSpec) -> GGUFFamily:
-    from cpmkit.convert.families import llama, minicpm, minicpm3  # noqa: F401  (each registers itself)
+    from cpmkit.convert.gguf.families import llama, minicpm, minicpm3  # noqa: F401  (each registers itself)
 
     try:
         return FAMILIES[spec.family]
@@ -107,7 +107,7 @@ def gguf_family(spec: ModelSpec) -> GGUFFamily:
 
 
 def family_for_arch(arch: str) -> GGUFFamily:
-    from cpmkit.convert.families import llama, minicpm, minicpm3  # noqa: F401
+    from cpmkit.convert.gguf.families import llama, minicpm, minicpm3  # noqa: F401
 
     for gf in FAMILIES.values():
         if gf.arch == arch:

@@ -12,7 +12,7 @@ A folder holds:
   total_parameters, weight_map sorted by name). The loader globs ``model*.safetensors`` and never
   needs the index.
 * A quantized module stores ``<path>.weight`` uint32 ``[N, K*bits/32]`` (codes packed by
-  ``cpmkit.formats.mlx_pack``), ``<path>.scales`` and ``<path>.biases`` ``[N, K/group_size]`` in the
+  ``cpmkit.formats.mlx.pack``), ``<path>.scales`` and ``<path>.biases`` ``[N, K/group_size]`` in the
   float dtype; a float module stores only ``<path>.weight``. The loader quantizes a module exactly when
   ``<path>.scales`` is present, so float layers need no config entry.
 * The tokenizer files and ``generation_config.json``, and a ``README.md`` model card.
@@ -29,14 +29,13 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from cpmkit.errors import CpmkitError
 from cpmkit.formats import safetensors as st
 from cpmkit.jsonfile import read_json_object
-from cpmkit.quant.affine import AffineSpec
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -45,6 +44,7 @@ WEIGHT_GLOB = "model*.safetensors"  # what mlx_lm.utils.load_model reads
 MAX_SHARD_BYTES = 5 << 30  # mlx_lm.utils.MAX_FILE_SIZE_GB = 5, applied as `5 << 30`
 SAFETENSORS_METADATA = {"format": "mlx"}
 CONFIG_INDENT = 4
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # transformers builds a tokenizer from one
 # Tokenizer and generation files copied verbatim from the source folder (mlx-lm re-saves the tokenizer
 # through transformers instead, which rewrites the files).
 COPIED_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -74,12 +74,20 @@ class TensorSlot:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def quant_entry(spec: AffineSpec) -> dict[str, Any]:
+class LayerQuantization(Protocol):
+    """One layer's setting as config.json records it (``cpmkit.quant.affine.AffineSpec`` is one)."""
+
+    bits: int
+    group_size: int
+    mode: str
+
+
+def quant_entry(spec: LayerQuantization) -> dict[str, Any]:
     """The dict mlx-lm passes to ``to_quantized`` for one layer (and writes as the default)."""
     return {"group_size": spec.group_size, "bits": spec.bits, "mode": spec.mode}
 
 
-def quantization_config(default: AffineSpec, layers: dict[str, AffineSpec]) -> dict[str, Any]:
+def quantization_config(default: LayerQuantization, layers: dict[str, LayerQuantization]) -> dict[str, Any]:
     """The ``quantization`` value: the default setting, then module path -> setting for each layer that
     differs from it, in the order given."""
     out = quant_entry(default)
@@ -172,6 +180,10 @@ def write_config(folder: Path, config: dict[str, Any]) -> None:
     if "quantization" in out:
         out["quantization_config"] = out["quantization"]
     (folder / CONFIG_NAME).write_text(json.dumps(dict(sorted(out.items())), indent=CONFIG_INDENT))
+
+
+def has_tokenizer(source: Path) -> bool:
+    return any((source / name).is_file() for name in TOKENIZER_FILES)
 
 
 def copy_source_files(source: Path, folder: Path) -> list[str]:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cpmkit import __version__
-from cpmkit.convert.release_targets import TARGET_FORMATS, Location, Target
+from cpmkit.convert.plugin import Location, Target
+from cpmkit.convert.registry import FORMATS
 from cpmkit.verify.markdown import format_bytes, write_markdown
 from cpmkit.verify.report import Report
 
@@ -25,7 +26,7 @@ class CardFacts:
 
 
 def front_matter(target: Target, facts: CardFacts) -> list[str]:
-    fmt = TARGET_FORMATS[target.format]
+    fmt = FORMATS[target.format]
     lines = ["---"]
     if facts.base_model:
         lines.append(f"base_model: {facts.base_model}")
@@ -44,7 +45,7 @@ def model_card(target: Target, title: str, report: Report, files: list[dict[str,
                facts: CardFacts, config: dict[str, Any], remake: str) -> str:
     """``report``: the reference and this one artifact (its ``verify.json``); ``remake``: the command that
     makes this artifact again."""
-    fmt = TARGET_FORMATS[target.format]
+    fmt = FORMATS[target.format]
     artifact = report.artifacts[0]
     base = f"[{facts.base_model}](https://huggingface.co/{facts.base_model})" if facts.base_model else "the model"
     rows = [f"| `{f['path']}` | {format_bytes(f['size_bytes'])} | `{f['sha256']}` |" for f in files]
