@@ -194,12 +194,46 @@ def _check_dims(spec: ModelSpec, source: str) -> None:
                               f"{spec.rope.dim // 2} (rotary dims / 2)")
 
 
+_REQUIRED = object()
+
+
+def _integer(config: dict[str, Any], key: str, default: Any = _REQUIRED, *, minimum: int = 1) -> int:
+    """An integer config value (JSON 256.5 or "256" is not one), at least ``minimum``."""
+    value = config[key] if default is _REQUIRED else config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{key} must be at least {minimum}, got {value}")
+    return value
+
+
+def _number(config: dict[str, Any], key: str, default: float, *, positive: bool = True) -> float:
+    """A finite number (positive unless said otherwise)."""
+    value = config.get(key, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{key} must be positive, got {value!r}")
+    return float(value)
+
+
+def _object(config: dict[str, Any], key: str) -> dict[str, Any]:
+    value = config.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be an object or null, got {value!r}")
+    return value
+
+
 def _rope(config: dict[str, Any], dim: int, default_theta: float, source_max: int) -> RopeSpec:
     # transformers 5 re-saves rope settings as `rope_parameters` (theta inside); older files use
     # `rope_theta` + `rope_scaling`.
-    params = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or params
-    theta = float(params.get("rope_theta", config.get("rope_theta", default_theta)))
+    params = _object(config, "rope_parameters")
+    scaling = _object(config, "rope_scaling") or params
+    theta = _number(params, "rope_theta", _number(config, "rope_theta", default_theta))
     kind_name = scaling.get("rope_type", scaling.get("type", "default"))
     kind_name = {"su": "longrope"}.get(kind_name, kind_name)
     try:
@@ -210,11 +244,18 @@ def _rope(config: dict[str, Any], dim: int, default_theta: float, source_max: in
         for key in ("long_factor", "short_factor"):
             if key not in scaling:
                 raise ValueError(f"longrope rope_scaling has no {key!r}")
+        factors = {}
+        for key in ("long_factor", "short_factor"):
+            values = scaling[key]
+            if not isinstance(values, list) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                    for v in values):
+                raise ValueError(f"rope_scaling.{key} must be a list of positive numbers")
+            factors[key] = tuple(float(v) for v in values)
         return RopeSpec(kind, theta, dim, source_max,
-                        original_max_position=int(scaling.get("original_max_position_embeddings", source_max)),
-                        long_factor=tuple(float(x) for x in scaling["long_factor"]),
-                        short_factor=tuple(float(x) for x in scaling["short_factor"]))
-    factor = float(scaling.get("factor", 1.0))
+                        original_max_position=_integer(scaling, "original_max_position_embeddings", source_max),
+                        **factors)
+    factor = _number(scaling, "factor", 1.0)
     return RopeSpec(kind, theta, dim, source_max, factor=factor)
 
 
@@ -222,7 +263,10 @@ def _eos(config: dict[str, Any], default: int | None) -> tuple[int, ...]:
     eos = config.get("eos_token_id", default)
     if eos is None:
         return ()
-    return tuple(eos) if isinstance(eos, list) else (int(eos),)
+    ids = eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"eos_token_id must be an integer or a list of them, got {eos!r}")
+    return tuple(ids)
 
 
 def _common(config: dict[str, Any], family: Family, arch: str, *, head_dim: int, tie_default: bool,
@@ -230,18 +274,19 @@ def _common(config: dict[str, Any], family: Family, arch: str, *, head_dim: int,
     notes = []
     if config.get("sparse_config"):
         notes.append("sparse_config (InfLLM-v2) is ignored: attention runs dense, as in llama.cpp and vLLM")
-    max_pos = int(config.get("max_position_embeddings", 2048))
+    max_pos = _integer(config, "max_position_embeddings", 2048)
+    heads = _integer(config, "num_attention_heads")
     return dict(
         family=family,
         architecture=arch,
-        hidden_size=int(config["hidden_size"]),
-        intermediate_size=int(config["intermediate_size"]),
-        num_layers=int(config["num_hidden_layers"]),
-        num_heads=int(config["num_attention_heads"]),
-        num_kv_heads=int(config.get("num_key_value_heads") or config["num_attention_heads"]),
+        hidden_size=_integer(config, "hidden_size"),
+        intermediate_size=_integer(config, "intermediate_size"),
+        num_layers=_integer(config, "num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=_integer(config, "num_key_value_heads", None) if config.get("num_key_value_heads") else heads,
         head_dim=head_dim,
-        vocab_size=int(config["vocab_size"]),
-        rms_norm_eps=float(config.get("rms_norm_eps", eps_default)),
+        vocab_size=_integer(config, "vocab_size"),
+        rms_norm_eps=_number(config, "rms_norm_eps", eps_default),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", tie_default)),
         rope=_rope(config, rope_dim, theta_default, max_pos),
         bos_token_id=config.get("bos_token_id", bos),
@@ -251,23 +296,32 @@ def _common(config: dict[str, Any], family: Family, arch: str, *, head_dim: int,
     )
 
 
+def _head_dim(config: dict[str, Any]) -> int:
+    hidden, heads = _integer(config, "hidden_size"), _integer(config, "num_attention_heads")
+    if hidden % heads:
+        raise ValueError(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+    return hidden // heads
+
+
 def _mup(config: dict[str, Any]) -> MupSpec:
     # The remote MiniCPMConfig defaults are 1 (no scaling); every released config sets all three.
-    return MupSpec(float(config.get("scale_emb", 1)), float(config.get("scale_depth", 1)),
-                   float(config.get("dim_model_base", 1)))
+    return MupSpec(_number(config, "scale_emb", 1.0), _number(config, "scale_depth", 1.0),
+                   _number(config, "dim_model_base", 1.0))
 
 
 def _build_minicpm(config: dict[str, Any], arch: str) -> ModelSpec:
-    head_dim = int(config["hidden_size"]) // int(config["num_attention_heads"])
+    head_dim = _head_dim(config)
     act_name = config.get("hidden_act", "silu")
     if act_name not in {a.value for a in Activation}:
         raise ValueError(f"hidden_act {act_name!r} (supported: silu, fatrelu)")
     act = Activation(act_name)
-    experts = int(config.get("num_experts") or 0)
-    moe = MoESpec(experts, int(config["num_experts_per_tok"])) if experts else None
+    experts = _integer(config, "num_experts", 0, minimum=0) if config.get("num_experts") is not None else 0
+    moe = MoESpec(experts, _integer(config, "num_experts_per_tok")) if experts else None
+    if moe is not None and moe.top_k > experts:
+        raise ValueError(f"num_experts_per_tok {moe.top_k} is more than num_experts {experts}")
     return ModelSpec(**_common(config, Family.MINICPM, arch, head_dim=head_dim, tie_default=True,
                                eps_default=1e-6, theta_default=10000.0, rope_dim=head_dim, bos=1, eos=2),
-                     activation=act, activation_threshold=float(config.get("hidden_act_param", 0.0)),
+                     activation=act, activation_threshold=_number(config, "hidden_act_param", 0.0, positive=False),
                      mup=_mup(config), moe=moe)
 
 
@@ -308,11 +362,11 @@ def _model_shapes(s: ModelSpec, layer_shapes) -> dict[str, tuple[int, ...]]:
 
 
 def _build_minicpm3(config: dict[str, Any], arch: str) -> ModelSpec:
-    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    hidden, heads = _integer(config, "hidden_size"), _integer(config, "num_attention_heads")
     # The remote code sets v_head_dim = hidden / heads and ignores the config key; native transformers
     # reads the key with the same default. They agree on every released config.
-    mla = MLASpec(int(config["q_lora_rank"]), int(config["kv_lora_rank"]), int(config["qk_nope_head_dim"]),
-                  int(config["qk_rope_head_dim"]), hidden // heads)
+    mla = MLASpec(_integer(config, "q_lora_rank"), _integer(config, "kv_lora_rank"),
+                  _integer(config, "qk_nope_head_dim"), _integer(config, "qk_rope_head_dim"), hidden // heads)
     return ModelSpec(**_common(config, Family.MINICPM3, arch, head_dim=mla.qk_head_dim, tie_default=True,
                                eps_default=1e-6, theta_default=10000.0, rope_dim=mla.qk_rope_head_dim,
                                bos=1, eos=2),
@@ -342,7 +396,7 @@ def _build_llama(config: dict[str, Any], arch: str) -> ModelSpec:
             raise ValueError(f"{key}=true (MiniCPM5 has no biases; biased Llama models are not supported)")
     if config.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {config['hidden_act']!r} (llama family supports silu)")
-    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // int(config["num_attention_heads"]))
+    head_dim = _integer(config, "head_dim") if config.get("head_dim") is not None else _head_dim(config)
     return ModelSpec(**_common(config, Family.LLAMA, arch, head_dim=head_dim, tie_default=False,
                                eps_default=1e-6, theta_default=10000.0, rope_dim=head_dim, bos=None,
                                eos=None))

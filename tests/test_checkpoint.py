@@ -168,7 +168,29 @@ def _bad_pickle_non_tensor(p):
     return "not a tensor"
 
 
+def _config_value(**changes):
+    def corrupt(p):
+        _edit_config(p, **changes)
+        key, value = next(iter(changes.items()))
+        return {"hidden_size": "hidden_size must be an integer, got 256.5",
+                "num_attention_heads": "num_attention_heads must be at least 1, got 0",
+                "rope_scaling": "rope_scaling must be an object or null, got 'linear'",
+                "rope_theta": "rope_theta must be positive, got 0",
+                "rms_norm_eps": "rms_norm_eps must be positive, got -1",
+                "num_hidden_layers": "num_hidden_layers must be an integer, got '2'",
+                "scale_emb": "scale_emb must be a finite number, got None" if value is None else
+                "scale_emb must be positive"}[key]
+    return corrupt
+
+
 BAD_INPUTS = {
+    "fractional size": ("safetensors", _config_value(hidden_size=256.5)),
+    "no heads": ("safetensors", _config_value(num_attention_heads=0)),
+    "string rope_scaling": ("safetensors", _config_value(rope_scaling="linear")),
+    "zero rope_theta": ("safetensors", _config_value(rope_theta=0)),
+    "negative eps": ("safetensors", _config_value(rms_norm_eps=-1)),
+    "string layers": ("safetensors", _config_value(num_hidden_layers="2")),
+    "negative muP scale": ("safetensors", _config_value(scale_emb=-12)),
     "missing config": ("safetensors", _bad_missing_config),
     "missing key": ("safetensors", _bad_missing_key),
     "unknown architecture": ("safetensors", _bad_unknown_arch),

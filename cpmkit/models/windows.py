@@ -39,6 +39,8 @@ class Windows:
 def make_windows(tokens: list[int], ctx: int, bos_id: int | None, max_chunks: int | None = None) -> Windows:
     if ctx < 4:
         raise CpmkitError(f"--ctx {ctx} is too small (at least 4 tokens)")
+    if max_chunks is not None and max_chunks < 1:
+        raise CpmkitError(f"--chunks {max_chunks}: must be at least 1")
     n_chunk = len(tokens) // ctx
     if max_chunks is not None:
         n_chunk = min(n_chunk, max_chunks)

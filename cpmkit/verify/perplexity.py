@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from cpmkit.errors import CpmkitError
 from cpmkit.models.windows import Windows
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # token ids [B, T] -> logits [B, T, V]
@@ -23,6 +24,8 @@ LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # token ids [B, T] -> logits 
 
 def scored_logprobs(logits_fn: LogitsFn, windows: Windows, batch: int = 1) -> Iterator[torch.Tensor]:
     """Log-probabilities at the scored positions, one [b, ctx - ctx//2 - 1, V] float32 tensor per batch."""
+    if batch < 1:
+        raise CpmkitError(f"--batch {batch}: must be at least 1")
     first = windows.first_scored
     for start in range(0, windows.tokens.shape[0], batch):
         with torch.no_grad():

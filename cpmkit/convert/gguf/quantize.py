@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -96,9 +97,22 @@ def _quantize_rows(qtype: QType, rows: np.ndarray, qw: np.ndarray | None, name: 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 KEEP_FREED_BYTES = 1 << 30
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _start_worker() -> None:
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this worker when its parent dies (kill -9 included): a worker otherwise waits on
+    its task pipe forever, holding its memory. A parent already gone by now is caught by the pid check."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the pipe's EOF ends the worker when the parent exits
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _start_worker(parent: int) -> None:
+    _die_with_parent(parent)
     torch.set_num_threads(1)  # a worker is one core's share; its packing must not fan out over all of them
     # The searches allocate and free megabyte temporaries thousands of times a second; by default glibc
     # maps and unmaps each one, and the page faults cost as much system time as the arithmetic.
@@ -140,7 +154,8 @@ class QuantizeWorkers:
             # worker never enters a torch parallel region (one thread), the rule that makes torch's own
             # DataLoader workers safe after the parent has used OpenMP.
             context = multiprocessing.get_context("fork")
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker)
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker,
+                                             initargs=(os.getpid(),))
         return self._pool
 
     def submit(self, w: torch.Tensor, qtype: QType, imatrix: torch.Tensor | None = None,

@@ -264,24 +264,29 @@ class GGUFContents:
 
 
 def read_gguf(path: str | Path) -> GGUFContents:
-    """Read a GGUF file's metadata and tensor table; tensor bytes stay memory-mapped."""
+    """Read a GGUF file's metadata and tensor table; tensor bytes stay memory-mapped. A truncated or corrupt
+    file (counts or offsets past its end, unknown types, shapes that do not fit the bytes) is one CpmkitError."""
     path = Path(path)
     if not path.is_file():
         raise CpmkitError(f"{path}: no such file")
+    size = path.stat().st_size
     try:
         reader = GGUFReader(path)
-    except (ValueError, OSError, IndexError, KeyError) as e:  # gguf-py's reader raises these on bad files
-        raise CpmkitError(f"{path}: not a readable GGUF file ({e})") from None
-    metadata, value_types = {}, {}
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF."):
-            continue
-        metadata[name] = field.contents()
-        value_types[name] = tuple(field.types)
-    tensors = {}
-    for t in reader.tensors:
-        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-        qtype = QType(t.tensor_type)
-        raw = np.asarray(t.data).view(np.uint8)
-        tensors[t.name] = StoredTensor(t.name, qtype, shape, raw.reshape(*shape[:-1], -1), int(t.data_offset))
+        metadata, value_types = {}, {}
+        for name, field in reader.fields.items():
+            if name.startswith("GGUF."):
+                continue
+            metadata[name] = field.contents()
+            value_types[name] = tuple(field.types)
+        tensors = {}
+        for t in reader.tensors:
+            shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+            qtype = QType(t.tensor_type)
+            raw = np.asarray(t.data).view(np.uint8)
+            if int(t.data_offset) + raw.nbytes > size:
+                raise ValueError(f"tensor {t.name} ends at byte {int(t.data_offset) + raw.nbytes}, past the end")
+            tensors[t.name] = StoredTensor(t.name, qtype, shape, raw.reshape(*shape[:-1], -1), int(t.data_offset))
+    except (ValueError, OSError, IndexError, KeyError, TypeError, OverflowError) as e:
+        # gguf-py's reader raises these on bad files (numpy's on counts and offsets past the end)
+        raise CpmkitError(f"{path}: not a readable GGUF file, truncated or corrupt ({size} bytes): {e}") from None
     return GGUFContents(path, metadata, value_types, tensors)
