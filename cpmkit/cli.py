@@ -139,7 +139,7 @@ def eval_(path: str, text_file: str | None, dataset: str | None, ctx: int, chunk
     text = load_text(text_file, dataset)
     start = time.perf_counter()
     result = evaluate_text(ck, text, ctx=ctx, max_chunks=chunks, batch=batch,
-                           progress=_progress("loading", "tensor"))
+                           progress=_progress("evaluating", "part"))
     seconds = time.perf_counter() - start
     if as_json:
         click.echo(json.dumps({"path": str(ck.root), **dataclasses.asdict(result), "seconds": round(seconds, 3)},

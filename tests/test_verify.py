@@ -52,8 +52,8 @@ def _verify(a, artifact, cache_dir, **options):
 
 def test_reference_is_scored_once_for_many_artifacts(artifacts, tmp_path, monkeypatch):
     calls = []
-    real = run.load_reference
-    monkeypatch.setattr(run, "load_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = run.checkpoint_source
+    monkeypatch.setattr(run, "checkpoint_source", lambda *a, **k: calls.append(1) or real(*a, **k))
     mlx4, name4 = _verify(artifacts, artifacts.mlx4, tmp_path)
     assert len(calls) == 1
     mlx8, name8 = _verify(artifacts, artifacts.mlx8, tmp_path)

@@ -30,6 +30,8 @@ from torch import nn
 from cpmkit.errors import CpmkitError
 from cpmkit.kernels.layout import PackedWeight
 
+DEQUANT_CHUNK_ELEMENTS = 1 << 22  # weights dequantized at once by the uncached torch path
+
 
 class Backend(str, Enum):
     AUTO = "auto"  # Triton for CUDA inputs, torch otherwise
@@ -51,6 +53,9 @@ class WeightFormat(Protocol):
     def check(self, *buffers_and_name) -> None: ...
 
     def dequantize(self, *buffers: torch.Tensor) -> torch.Tensor: ...
+
+    def dequantize_rows(self, *buffers_then_range) -> torch.Tensor:
+        """(*buffers, start, stop) -> float32 rows ``[stop - start, K]`` of the weight."""
 
     def pack(self, *buffers_and_name) -> PackedWeight: ...
 
@@ -113,14 +118,25 @@ class QuantLinear(nn.Module):
             return True
         return False
 
-    def _weight_f32(self, device: torch.device) -> torch.Tensor:
-        key = (*self._source_key(), device)
-        if self._dequantized is not None and self._dequantized[0] == key:
-            return self._dequantized[1]
-        w = self.dequantize().to(device)
+    def clear_cache(self) -> None:
+        """Drop the repacked and dequantized copies (the buffers themselves stay)."""
+        self._packed = self._dequantized = None
+
+    def _torch_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` in float32: with ``cache_dequantized``, over the kept float32 weight; otherwise a row
+        chunk of W at a time, so the float32 copy never exceeds ``DEQUANT_CHUNK_ELEMENTS``."""
+        x32 = x.float()
         if self.cache_dequantized:
-            self._dequantized = (key, w)
-        return w
+            key = (*self._source_key(), x.device)
+            if self._dequantized is None or self._dequantized[0] != key:
+                self._dequantized = (key, self.dequantize().to(x.device))
+            return x32 @ self._dequantized[1].T
+        step = max(1, DEQUANT_CHUNK_ELEMENTS // self.in_features)
+        if step >= self.out_features:
+            return x32 @ self.dequantize().to(x.device).T
+        source = self._source()
+        return torch.cat([x32 @ self.fmt.dequantize_rows(*source, start, start + step).to(x.device).T
+                          for start in range(0, self.out_features, step)], dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -131,7 +147,7 @@ class QuantLinear(nn.Module):
 
             y = quant_matmul(x, self.packed(), self.tune)
         else:
-            y = (x.float() @ self._weight_f32(x.device).T).to(x.dtype)
+            y = self._torch_matmul(x).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -23,14 +23,15 @@ FAMILY_MODULES: dict[Family, ModuleType] = {
 
 
 def build_model(spec: ModelSpec, *, linear_factory: LinearFactory | None = None,
-                dtype: torch.dtype = torch.float32) -> CausalLM:
-    """The family's reference model for ``spec`` on the meta device; every linear comes from
-    ``linear_factory(hf_name, in_features, out_features)`` (default: ``nn.Linear`` without bias)."""
+                dtype: torch.dtype = torch.float32, weight_dtype: torch.dtype | None = None) -> CausalLM:
+    """The family's reference model for ``spec`` on the meta device, running in ``dtype`` with its float
+    weights kept in ``weight_dtype`` (default: ``dtype``); every linear comes from
+    ``linear_factory(hf_name, in_features, out_features)`` (default: ``StoredLinear``, no bias)."""
     module = FAMILY_MODULES.get(spec.family)
     if module is None:
         raise CpmkitError(f"{spec.architecture}: no reference model for family {spec.family.value!r}; "
                           f"supported: {', '.join(f.value for f in FAMILY_MODULES)}")
-    return module.Model(spec, linear_factory=linear_factory, dtype=dtype)
+    return module.Model(spec, linear_factory=linear_factory, dtype=dtype, weight_dtype=weight_dtype)
 
 
 __all__ = ["CausalLM", "FAMILY_MODULES", "KVCache", "LinearFactory", "build_model"]

@@ -22,6 +22,8 @@ from cpmkit.models.layers import (
     Linear,
     LinearFactory,
     RMSNorm,
+    StoredEmbedding,
+    StoredLinear,
     rope_cos_sin,
 )
 from cpmkit.spec import DROPPED_TENSOR_SUFFIXES, ModelSpec
@@ -50,13 +52,14 @@ class Scales:
 
 
 class Backbone(nn.Module):
-    """``model.*``: embedding, decoder layers, final norm."""
+    """``model.*``: embedding, decoder layers, final norm (applied by ``CausalLM.head``)."""
 
-    def __init__(self, spec: ModelSpec, layers: list[nn.Module], embedding_scale: float, dtype: torch.dtype):
+    def __init__(self, spec: ModelSpec, layers: list[nn.Module], embedding_scale: float, weight_dtype: torch.dtype,
+                 dtype: torch.dtype):
         super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype)
+        self.embed_tokens = StoredEmbedding(spec.vocab_size, spec.hidden_size, weight_dtype, dtype)
         self.layers = nn.ModuleList(layers)
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, weight_dtype)
         self.embedding_scale = embedding_scale
 
     def forward(self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -64,28 +67,34 @@ class Backbone(nn.Module):
         h = self.embed_tokens(input_ids) * self.embedding_scale
         for layer in self.layers:
             h = layer(h, cos, sin, cache)
-        return self.norm(h)
+        return h
 
 
 def default_linear_factory(dtype: torch.dtype) -> LinearFactory:
-    return lambda name, in_features, out_features: nn.Linear(in_features, out_features, bias=False, dtype=dtype)
+    return lambda name, in_features, out_features: StoredLinear(in_features, out_features, dtype)
 
 
 class CausalLM(nn.Module):
     """A decoder-only LM whose ``forward(input_ids [B, T], cache=None)`` returns float32 logits [B, T, V].
 
-    Built on the meta device: nothing is allocated until ``load_weights`` assigns each tensor (cast to
-    the model dtype) in place of its meta parameter, so a checkpoint is held once. A tied head is a
-    module whose weight is the embedding's Parameter; a quantized artifact may replace ``lm_head``.
+    ``dtype`` is the activations' dtype; ``weight_dtype`` (default: the same) the dtype its float weights are
+    kept in: a bf16 checkpoint runs with bf16 weights and float32 activations, every weight converted
+    exactly as it is used. Built on the meta device: nothing is allocated until ``load_weights`` assigns
+    each tensor (cast to its parameter's dtype) in place of its meta parameter, so a checkpoint is held
+    once; ``load_weights(names=...)`` and ``unload`` fill and empty one part at a time (the layer-streamed
+    runner, ``cpmkit.models.streamed``). A tied head is a module whose weight is the embedding's
+    Parameter; a quantized artifact may replace ``lm_head``.
     """
 
     def __init__(self, spec: ModelSpec, *, attention: BlockBuilder, mlp: BlockBuilder, scales: Scales,
-                 linear_factory: LinearFactory | None = None, dtype: torch.dtype = torch.float32):
+                 linear_factory: LinearFactory | None = None, dtype: torch.dtype = torch.float32,
+                 weight_dtype: torch.dtype | None = None):
         super().__init__()
         self.spec = spec
         self.dtype = dtype
+        weight_dtype = weight_dtype or dtype
         self.logit_divisor = scales.logit_divisor
-        factory = linear_factory or default_linear_factory(dtype)
+        factory = linear_factory or default_linear_factory(weight_dtype)
         self._linear_names: list[str] = []
 
         def scoped(prefix: str) -> Linear:
@@ -98,22 +107,32 @@ class CausalLM(nn.Module):
             layers = [
                 DecoderLayer(attention(spec, i, scoped(f"model.layers.{i}.self_attn.")),
                              mlp(spec, i, scoped(f"model.layers.{i}.mlp.")),
-                             spec.hidden_size, spec.rms_norm_eps, scales.residual, dtype)
+                             spec.hidden_size, spec.rms_norm_eps, scales.residual, weight_dtype)
                 for i in range(spec.num_layers)
             ]
-            self.model = Backbone(spec, layers, scales.embedding, dtype)
+            self.model = Backbone(spec, layers, scales.embedding, weight_dtype, dtype)
             self.lm_head = scoped("")("lm_head", spec.hidden_size, spec.vocab_size)
         self._tie_head()
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         offset = cache.length if cache is not None else 0
-        positions = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device)
-        cos, sin = rope_cos_sin(self.spec.rope, positions)
+        cos, sin = self.rope(offset, input_ids.shape[1], input_ids.device)
         h = self.model(input_ids, cos, sin, cache)
-        logits = self.lm_head(h / self.logit_divisor)
         if cache is not None:
             cache.length += input_ids.shape[1]
-        return logits.float()
+        return self.head(h)
+
+    def rope(self, offset: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions ``offset .. offset + length``."""
+        return rope_cos_sin(self.spec.rope, torch.arange(offset, offset + length, device=device))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The first hidden state, [B, T, H] in the activations' dtype."""
+        return self.model.embed_tokens(input_ids) * self.model.embedding_scale
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """float32 logits from the last block's output ``h`` [..., H] (final norm, logit divisor, lm_head)."""
+        return self.lm_head(self.model.norm(h) / self.logit_divisor).float()
 
     def linear_names(self) -> list[str]:
         """HF names (without ".weight") of every linear made through the factory, lm_head included (when
@@ -148,13 +167,17 @@ class CausalLM(nn.Module):
             out[name] = (self.get_submodule(owner), attr, tensor)
         return out
 
-    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], *, strict: bool = True) -> None:
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], *, strict: bool = True,
+                     names: Iterable[str] | None = None) -> None:
         """Assign each (HF name, tensor) of the stream to its parameter or buffer, floating tensors cast to
         the destination's dtype. Rotary caches of old .bin files are skipped; when the head is tied, an
         ``lm_head.weight`` in the stream is ignored (transformers re-ties it to the embedding too). With
-        ``strict``, an unknown name or any tensor left unfilled raises CpmkitError."""
+        ``strict``, an unknown name or any tensor left unfilled raises CpmkitError. ``names``: fill only
+        these (one part of the model), each of which must come."""
         tied = self._head_is_tied()  # assigning the embedding unties it; re-tied after the loop
         targets = self._targets()
+        if names is not None:
+            targets = {n: targets[n] for n in names}
         arch = self.spec.architecture
         filled = set()
         for name, tensor in tensors:
@@ -179,6 +202,34 @@ class CausalLM(nn.Module):
         missing = [n for n in targets if n not in filled]
         if strict and missing:
             raise CpmkitError(f"{missing[0]}: missing from the checkpoint ({len(missing)} tensors missing in all)")
+
+    def unload(self, names: Iterable[str]) -> None:
+        """Put meta placeholders back in place of these tensors (and drop what quantized modules derived from
+        them), so the memory of one part is freed once the runner is done with it."""
+        tied = self._head_is_tied()
+        targets = self._targets()
+        for name in names:
+            module, attr, current = targets[name]
+            placeholder = torch.empty(current.shape, dtype=current.dtype, device="meta")
+            if attr in module._parameters:
+                module._parameters[attr] = nn.Parameter(placeholder, requires_grad=False)
+            else:
+                module._buffers[attr] = placeholder
+            if hasattr(module, "clear_cache"):
+                module.clear_cache()
+        if tied:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def parts(self) -> list[tuple[str, list[str]]]:
+        """The model's tensor names by part, in running order: ``embedding``, ``layer.0`` ... ``layer.{L-1}``,
+        ``head`` (the final norm and lm_head; a tied float head includes the embedding's weight)."""
+        names = self.tensor_names()
+        layers = [[n for n in names if n.startswith(f"model.layers.{i}.")] for i in range(self.spec.num_layers)]
+        embedding = [n for n in names if n.startswith("model.embed_tokens.")]
+        head = [n for n in names if n.startswith(("model.norm.", "lm_head."))]
+        if self._head_is_tied():
+            head += embedding
+        return [("embedding", embedding), *((f"layer.{i}", layer) for i, layer in enumerate(layers)), ("head", head)]
 
 
 def _cast(name: str, tensor: torch.Tensor, current: torch.Tensor) -> torch.Tensor:

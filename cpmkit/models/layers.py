@@ -23,9 +23,14 @@ LinearFactory = Callable[[str, int, int], nn.Module]
 Linear = Callable[[str, int, int], nn.Module]
 
 
+# Weight elements converted to the activations' dtype at once by StoredLinear: bounds the transient copy.
+UPCAST_CHUNK_ELEMENTS = 1 << 22
+
+
 class RMSNorm(nn.Module):
     """Variance in float32, normalised value cast back to the input dtype, then times the weight: the
-    order of MiniCPM's remote ``rms_layernorm`` and transformers' ``LlamaRMSNorm``."""
+    order of MiniCPM's remote ``rms_layernorm`` and transformers' ``LlamaRMSNorm``. The weight keeps its
+    stored dtype and is converted to the activations' (exactly, from bf16/fp16 to float32)."""
 
     def __init__(self, size: int, eps: float, dtype: torch.dtype):
         super().__init__()
@@ -35,7 +40,43 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         variance = x32.pow(2).mean(-1, keepdim=True)
-        return self.weight * (x32 * torch.rsqrt(variance + self.eps)).to(x.dtype)
+        return self.weight.to(x.dtype) * (x32 * torch.rsqrt(variance + self.eps)).to(x.dtype)
+
+
+class StoredLinear(nn.Module):
+    """``x @ W.T`` with ``W [out, in]`` kept in its stored dtype (bf16 for the reference) and the product
+    formed in the activations' dtype: when they differ, the weight is converted a block of rows at a time,
+    so a float32 forward of a bf16 model never holds a float32 copy of more than ``UPCAST_CHUNK_ELEMENTS``."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if w.dtype == x.dtype:
+            return F.linear(x, w)
+        step = max(1, UPCAST_CHUNK_ELEMENTS // self.in_features)
+        if step >= self.out_features:
+            return F.linear(x, w.to(x.dtype))
+        return torch.cat([F.linear(x, w[i : i + step].to(x.dtype)) for i in range(0, self.out_features, step)],
+                         dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.weight.dtype}"
+
+
+class StoredEmbedding(nn.Module):
+    """A token embedding kept in its stored dtype; the looked-up rows come out in ``dtype`` (exactly)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, weight_dtype: torch.dtype, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, dtype=weight_dtype))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight).to(self.dtype)
 
 
 def _base_inv_freq(theta: float, dim: int, device: torch.device) -> torch.Tensor:

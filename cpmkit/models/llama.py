@@ -24,6 +24,6 @@ def _mlp(spec: ModelSpec, layer: int, linear: Linear) -> nn.Module:
 
 class Model(CausalLM):
     def __init__(self, spec: ModelSpec, *, linear_factory: LinearFactory | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, weight_dtype: torch.dtype | None = None):
         super().__init__(spec, attention=dense_attention, mlp=_mlp, scales=Scales(), linear_factory=linear_factory,
-                         dtype=dtype)
+                         dtype=dtype, weight_dtype=weight_dtype)

@@ -66,8 +66,8 @@ def _mlp(spec: ModelSpec, layer: int, linear: Linear) -> nn.Module:
 
 class Model(CausalLM):
     def __init__(self, spec: ModelSpec, *, linear_factory: LinearFactory | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, weight_dtype: torch.dtype | None = None):
         assert spec.mup is not None
         scales = Scales.from_spec(spec)
         super().__init__(spec, attention=dense_attention, mlp=_mlp, scales=scales, linear_factory=linear_factory,
-                         dtype=dtype)
+                         dtype=dtype, weight_dtype=weight_dtype)

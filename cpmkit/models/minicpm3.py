@@ -61,10 +61,10 @@ class MLAttention(nn.Module):
 
 class Model(CausalLM):
     def __init__(self, spec: ModelSpec, *, linear_factory: LinearFactory | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, weight_dtype: torch.dtype | None = None):
         assert spec.mup is not None
         scales = Scales.from_spec(spec)
-        super().__init__(spec, scales=scales, linear_factory=linear_factory, dtype=dtype,
-                         attention=lambda s, i, linear: MLAttention(s, i, linear, dtype),
+        super().__init__(spec, scales=scales, linear_factory=linear_factory, dtype=dtype, weight_dtype=weight_dtype,
+                         attention=lambda s, i, linear: MLAttention(s, i, linear, weight_dtype or dtype),
                          mlp=lambda s, i, linear: GatedMLP(s.hidden_size, s.intermediate_size,
                                                            activation_fn(s.activation, 0.0), linear))

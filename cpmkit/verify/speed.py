@@ -23,6 +23,8 @@ from torch import nn
 
 from cpmkit.kernels import QuantLinear
 from cpmkit.models import CausalLM, KVCache
+from cpmkit.models.source import ModelSource
+from cpmkit.models.streamed import loaded_parts
 from cpmkit.verify.report import LinearSpeed
 
 BATCHES = (1, 16, 256)  # decode, small-batch decode / speculative, prefill-sized
@@ -83,22 +85,25 @@ def quantized_linears(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def linear_speeds(model: CausalLM, device: torch.device) -> tuple[LinearSpeed, ...]:
+def linear_speeds(source: ModelSource, device: torch.device) -> tuple[LinearSpeed, ...]:
     """One row per distinct (shape, weight type) of the model's quantized linears and batch size, ordered by
-    shape, type and batch; each against a random BF16 weight of its shape, timed in alternation."""
-    distinct: dict[tuple[tuple[int, int], str], QuantLinear] = {}
-    for module in quantized_linears(model).values():
-        distinct.setdefault(((module.out_features, module.in_features), module.fmt.label), module)
+    shape, type and batch; each against a random BF16 weight of its shape, timed in alternation. The model
+    is read one part at a time (``loaded_parts``), so a model larger than memory is timed too."""
     rows = []
-    for (shape, wtype), module in sorted(distinct.items()):
-        gen = torch.Generator().manual_seed(SEED)
-        w = torch.randn(shape, generator=gen).to(device, SPEED_DTYPE)
-        for batch in BATCHES:
-            x = torch.randn(batch, shape[1], generator=gen).to(device, SPEED_DTYPE)
-            quant, bf16 = paired_timings((lambda: module(x), lambda: x @ w.T), device)
-            rows.append(LinearSpeed.measured(shape, wtype, batch, quant.median_ms, bf16.median_ms,
-                                             max(quant.spread, bf16.spread)))
-    return tuple(rows)
+    for model, _ in loaded_parts(source, device):
+        for module in quantized_linears(model).values():
+            shape, wtype = (module.out_features, module.in_features), module.fmt.label
+            loaded = not any(b.is_meta for b in module.buffers())  # only the current part holds data
+            if not loaded or any(row.shape == shape and row.weight_type == wtype for row in rows):
+                continue
+            gen = torch.Generator().manual_seed(SEED)
+            w = torch.randn(shape, generator=gen).to(device, SPEED_DTYPE)
+            for batch in BATCHES:
+                x = torch.randn(batch, shape[1], generator=gen).to(device, SPEED_DTYPE)
+                quant, bf16 = paired_timings((lambda: module(x), lambda: x @ w.T), device)
+                rows.append(LinearSpeed.measured(shape, wtype, batch, quant.median_ms, bf16.median_ms,
+                                                 max(quant.spread, bf16.spread)))
+    return tuple(sorted(rows, key=lambda r: (r.shape, r.weight_type, r.batch)))
 
 
 def prefill(model: CausalLM, prompt: torch.Tensor) -> Timing:

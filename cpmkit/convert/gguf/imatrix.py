@@ -3,10 +3,10 @@
 ``llama-quantize`` hands its quantizers.
 
 Computing: the calibration text is tokenized and cut into windows as llama-imatrix does (BOS first, one
-window per ``ctx`` tokens, KV cleared between windows), the reference model runs them, and
-``cpmkit.quant.imatrix`` sums the squared inputs of every block linear (the MoE router included; the
-head is left out, as without ``--process-output``). Expert linears are merged into their 3-D GGUF
-tensor's entry, one row of sums and one count per expert.
+window per ``ctx`` tokens, KV cleared between windows), the reference model runs them block by block
+(``cpmkit.models.streamed``: one block in memory), and ``cpmkit.quant.imatrix`` sums the squared inputs of
+every block linear (the MoE router included; the head is left out, as without ``--process-output``).
+Expert linears are merged into their 3-D GGUF tensor's entry, one row of sums and one count per expert.
 """
 
 from __future__ import annotations
@@ -16,15 +16,17 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+from torch import nn
 
 from cpmkit.atomic import atomic_file
 from cpmkit.checkpoint import Checkpoint
 from cpmkit.convert.gguf.families import gguf_family
 from cpmkit.errors import CpmkitError
 from cpmkit.formats.gguf.imatrix import ImatrixData, ImatrixEntry, write_imatrix
-from cpmkit.models.reference import load_reference
+from cpmkit.models.reference import checkpoint_source
+from cpmkit.models.streamed import BlockPass, StreamedRunner
 from cpmkit.models.windows import make_windows
-from cpmkit.quant.imatrix import collect_activation_stats
+from cpmkit.quant.imatrix import ActivationStats
 from cpmkit.tokenizer import Tokenizer
 
 BLOCK_PREFIX = "model.layers."  # llama-imatrix collects blk.* weights only
@@ -37,9 +39,9 @@ def compute_gguf_imatrix(ck: Checkpoint, text: str, *, ctx: int = 512, max_chunk
     tensor name. ``progress`` wraps the loop over forward passes."""
     tok = Tokenizer(ck.root, ck.config)
     windows = make_windows(tok.encode(text), ctx, tok.special.bos_id if tok.special.add_bos else None, max_chunks)
-    model = load_reference(ck)
-    names = [n for n in model.linear_names() if n.startswith(BLOCK_PREFIX)]
-    stats = collect_activation_stats(model, windows.tokens, names, batch=batch, progress=progress)
+    collector = _Collector()
+    StreamedRunner(checkpoint_source(ck), progress=progress, batch=batch).calibrate(windows.tokens, collector)
+    stats = collector.stats
     family = gguf_family(ck.spec)
     grouped: dict[str, dict[int, tuple[torch.Tensor, int]]] = {}
     for name, s in stats.items():
@@ -53,6 +55,22 @@ def compute_gguf_imatrix(ck: Checkpoint, text: str, *, ctx: int = 512, max_chunk
         counts = torch.tensor([per_matrix[i][1] for i in order], dtype=torch.int64)
         entries[gguf_name] = ImatrixEntry(sums, counts)
     return ImatrixData(entries, datasets=(dataset,), chunk_count=windows.tokens.shape[0], chunk_size=ctx)
+
+
+class _Collector:
+    """A block visitor summing the squared inputs of each of the block's linears (names in checkpoint form)."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, ActivationStats] = {}
+
+    def visit(self, index: int, block: nn.Module, run: BlockPass) -> None:
+        hooks = {}
+        for name, module in block.named_modules():
+            if name and hasattr(module, "in_features"):
+                stats = self.stats[f"{BLOCK_PREFIX}{index}.{name}"] = ActivationStats(
+                    torch.zeros(module.in_features, dtype=torch.float32))
+                hooks[name] = stats.add
+        run.advance(hooks)
 
 
 def save_gguf_imatrix(imatrix: ImatrixData, out_path: str | Path, *, overwrite: bool = False) -> ImatrixData:

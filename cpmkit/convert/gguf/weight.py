@@ -130,6 +130,9 @@ class GGUFWeight:
     def dequantize(self, raw: torch.Tensor) -> torch.Tensor:
         return dequantize(raw, self.qtype)
 
+    def dequantize_rows(self, raw: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return dequantize(raw[start:stop], self.qtype)
+
     def pack(self, raw: torch.Tensor, name: str) -> PackedWeight:
         return pack_gguf(raw, self.qtype, self.shape, name)
 

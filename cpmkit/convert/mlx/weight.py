@@ -84,6 +84,10 @@ class MLXAffineWeight:
         spec = AffineSpec(bits=self.bits, group_size=self.group_size)
         return dequantize_affine(AffineQuantized(codes, scales.float(), biases.float(), spec))
 
+    def dequantize_rows(self, weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, start: int,
+                        stop: int) -> torch.Tensor:
+        return self.dequantize(weight[start:stop], scales[start:stop], biases[start:stop])
+
     def pack(self, weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, name: str) -> PackedWeight:
         return pack_mlx(weight, scales, biases, self.bits, self.group_size, name)
 
