@@ -20,94 +20,33 @@ from __future__ import annotations
 
 import argparse
 import filecmp
-import json
 import os
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from cpmkit.formats.safetensors import StreamingWriter
-from cpmkit.spec import read_spec
-from cpmkit.testing import build_checkpoint
+from procmem import run_measured
+from random_checkpoint import write_random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # MiniCPM5-1B (../shared/minicpm/ARCHITECTURES.md §1.12): 24 layers, hidden 1536, 16/2 heads x 128, ffn 4608,
 # vocab 130560, untied head
 MINICPM5_1B = {"hidden_size": 1536, "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 2,
                "head_dim": 128, "intermediate_size": 4608, "vocab_size": 130560}
-ROWS_PER_DRAW = 8192  # random rows generated at a time, so generation stays tensor-by-tensor small
 
 
 def make_checkpoint(folder: Path, layers: int, vocab: int) -> Path:
-    """MiniCPM5-1B-shaped random bf16 weights, written tensor by tensor, with the fixture tokenizer."""
-    if (folder / "model.safetensors").is_file():
-        return folder
-    tiny = build_checkpoint(folder.parent / "tokenizer-source", "minicpm5")
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {**json.loads((tiny / "config.json").read_text()), **MINICPM5_1B, "num_hidden_layers": layers,
-              "vocab_size": vocab}
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tiny / name, folder / name)
-    shapes = read_spec(config).tensor_shapes()
-    gen = torch.Generator().manual_seed(0)
-    partial = folder / "model.safetensors.partial"
-    with StreamingWriter(partial, [(n, torch.bfloat16, s) for n, s in shapes.items()]) as writer:
-        for name, shape in shapes.items():
-            if len(shape) == 1:
-                writer.write(name, (1 + 0.1 * torch.randn(shape, generator=gen)).to(torch.bfloat16))
-                continue
-            rows = [(0.02 * torch.randn(min(ROWS_PER_DRAW, shape[0] - r), shape[1], generator=gen)).to(torch.bfloat16)
-                    for r in range(0, shape[0], ROWS_PER_DRAW)]
-            writer.write(name, torch.cat(rows))
-    partial.rename(folder / "model.safetensors")
-    return folder
-
-
-def _process_tree(root: int) -> list[int]:
-    """``root`` and every process descended from it (cpmkit's quantizer workers are grandchildren)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-    tree = [root]
-    for pid in tree:
-        tree.extend(children.get(pid, []))
-    return tree
-
-
-def _pss_kib(pid: int) -> int:
-    """Proportional set size: pages shared between processes (the workers' torch) are counted once."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    """MiniCPM5-1B-shaped random bf16 weights with the fixture tokenizer."""
+    return write_random_checkpoint(folder, "minicpm5", {**MINICPM5_1B, "num_hidden_layers": layers,
+                                                        "vocab_size": vocab})
 
 
 def timed(args: list[str]) -> tuple[float, float]:
     """Run this script with ``args`` in a child process: (wall seconds, peak memory in GiB of the child and
-    all its descendants together, as PSS sampled every 0.1 s)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, *args])
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, sum(_pss_kib(pid) for pid in _process_tree(proc.pid)))
-        time.sleep(0.1)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"step {args[:2]} failed")
-    return seconds, peak / 2**20
+    all its descendants together)."""
+    return run_measured([sys.executable, __file__, *args])
 
 
 def step_convert(checkpoint: Path, out: Path, file_type: str) -> None:
@@ -121,7 +60,6 @@ def step_quantize(src: Path, out: Path, file_type: str) -> None:
     import ctypes
 
     import llama_cpp
-
     from cpmkit.convert.gguf.convert import file_type_named
 
     llama_cpp.llama_backend_init()

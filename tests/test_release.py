@@ -19,7 +19,7 @@ from test_verify import sample_text
 from cpmkit.cli import cli
 from cpmkit.errors import CpmkitError
 from cpmkit.release.recipe import BUILTIN_RECIPES, release_options
-from cpmkit.release.shelf import CHECKSUMS, SIDECAR, release, sha256_file
+from cpmkit.release.shelf import CHECKSUMS, SIDECAR, GateFailure, release, sha256_file
 from cpmkit.testing import build_checkpoint
 from cpmkit.verify.report import read_report
 
@@ -176,3 +176,44 @@ def test_recipes(tmp_path):
     assert demo.targets and BUILTIN_RECIPES["demo"].is_file()
     assert {"gguf:Q8_0", "gguf:Q4_K_M", "gguf:Q4_0", "gguf:Q2_K", "mlx:8bit-g32", "mlx:4bit-g64",
             "mlx:mixed_4_6-g64"} <= {t.target.name for t in demo.targets}
+
+
+def test_quality_gates_fail_the_release_but_finish_the_shelf(shelf, tmp_path):
+    recipe = tmp_path / "gates.toml"
+    recipe.write_text('targets = ["gguf:Q8_0", { to = "gguf:Q2_K", max_kld = 0.001 }]\n[gates]\nmax_delta_ppl = 50\n')
+    with pytest.raises(GateFailure) as failure:
+        release(shelf.ck, tmp_path / "out", recipe=recipe, text=shelf.text, cache_dir=shelf.cache, **OPTIONS)
+    result = failure.value.result
+    assert [(a.name, a.passed, a.repo_id) for a in result.artifacts] == [("gguf:Q8_0", True, None),
+                                                                          ("gguf:Q2_K", False, None)]
+    assert "1 of 2 artifacts missed their quality gates and were not pushed: gguf:Q2_K" in str(failure.value)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    gates = [a["gate"] for a in manifest["artifacts"]]
+    assert gates[0] == {"max_kld": None, "max_delta_ppl": 50.0, "passed": True, "misses": []}
+    assert gates[1]["passed"] is False and gates[1]["misses"][0].startswith("mean KLD ")
+    report = read_report(tmp_path / "out" / "report.json")
+    assert [a.gate.passed for a in report.artifacts] == [True, False]
+    assert "FAILED: mean KLD" in (tmp_path / "out" / "report.md").read_text()
+    assert (tmp_path / "out" / "MiniCPM4-0.5B-Q2_K-GGUF" / "verify.json").is_file()  # kept, to be looked at
+
+    # the CLI: every artifact listed, the failure on the last line, exit status 1; a looser gate passes
+    args = ["release", str(shelf.ck), str(tmp_path / "out"), "--recipe", str(recipe), "--text", str(shelf.text),
+            "--ctx", "64", "--chunks", "2", "--no-speed", "--cache-dir", str(shelf.cache)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and "FAILED gates" in result.stdout
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: ") and "gguf:Q2_K" in result.stderr
+    recipe.write_text('targets = ["gguf:Q8_0", { to = "gguf:Q2_K", max_kld = 5.0 }]\n')
+    assert CliRunner().invoke(cli, args).exit_code == 0
+
+
+def test_stale_folders_are_refused_or_pruned(shelf, tmp_path):
+    out = tmp_path / "out"
+    release(shelf.ck, out, targets=("gguf:Q8_0", "gguf:Q4_0"), text=shelf.text, cache_dir=shelf.cache, **OPTIONS)
+    with pytest.raises(CpmkitError, match="holds artifact folders this release does not make "
+                                          r"\(MiniCPM4-0.5B-Q4_0-GGUF\).*--prune"):
+        release(shelf.ck, out, targets=("gguf:Q8_0",), text=shelf.text, cache_dir=shelf.cache, **OPTIONS)
+    assert (out / "MiniCPM4-0.5B-Q4_0-GGUF").is_dir()
+    release(shelf.ck, out, targets=("gguf:Q8_0",), text=shelf.text, cache_dir=shelf.cache, prune=True, **OPTIONS)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["MiniCPM4-0.5B-Q8_0-GGUF"]
+    assert [a["folder"] for a in json.loads((out / "manifest.json").read_text())["artifacts"]] == \
+        ["MiniCPM4-0.5B-Q8_0-GGUF"]

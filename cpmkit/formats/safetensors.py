@@ -139,3 +139,103 @@ class StreamingWriter:
             self.close()
         else:
             self._file.close()
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """One tensor of a sharded folder, declared before writing. ``parameters`` is its count of logical weights
+    (a packed word holds several; scales count none), for the index's ``total_parameters``."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    parameters: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 5 << 30  # mlx-lm's MAX_FILE_SIZE_GB = 5 (as `5 << 30`); transformers' default is the same
+
+
+def plan_shards(slots: list[TensorSlot], max_bytes: int | None = None) -> list[list[TensorSlot]]:
+    """Cut the slots, in order, into shards as mlx-lm's ``make_shards`` does: a shard is closed when the next
+    tensor would take it past ``max_bytes``; a tensor larger than the limit gets a shard of its own."""
+    limit = MAX_SHARD_BYTES if max_bytes is None else max_bytes
+    shards: list[list[TensorSlot]] = []
+    size = 0
+    for slot in slots:
+        if not shards or size + slot.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(slot)
+        size += slot.nbytes
+    return shards
+
+
+def shard_file_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+class ShardedWriter:
+    """Writes the declared slots, in order, into ``folder``'s ``model*.safetensors`` shards, one tensor at a
+    time; only the shard being written is open. Leaving the ``with`` block normally checks that every slot was
+    written and writes ``model.safetensors.index.json`` (total_size, total_parameters, weight_map sorted by
+    name; JSON indented by ``indent``)."""
+
+    def __init__(self, folder: Path, slots: list[TensorSlot], metadata: dict[str, str], *,
+                 max_shard_bytes: int | None = None, indent: int = 2):
+        if len({s.name for s in slots}) != len(slots):
+            raise ValueError("ShardedWriter: duplicate tensor names")
+        self.folder, self.metadata, self.indent = folder, metadata, indent
+        self._shards = plan_shards(slots, max_shard_bytes)
+        self._files = shard_file_names(len(self._shards))
+        self._slots = slots
+        self._shard = -1
+        self._left = 0  # tensors still to write in the open shard
+        self._writer: StreamingWriter | None = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._left == 0:
+            self._open_next()
+        assert self._writer is not None
+        self._writer.write(name, tensor)
+        self._left -= 1
+        if self._left == 0:
+            self._writer.close()
+            self._writer = None
+
+    def _open_next(self) -> None:
+        self._shard += 1
+        if self._shard >= len(self._shards):
+            raise ValueError(f"{self.folder}: more tensors written than declared")
+        shard = self._shards[self._shard]
+        self._writer = StreamingWriter(self.folder / self._files[self._shard],
+                                       [(s.name, s.dtype, s.shape) for s in shard], self.metadata)
+        self._left = len(shard)
+
+    def close(self) -> None:
+        if self._writer is not None or self._shard != len(self._shards) - 1:
+            raise ValueError(f"{self.folder}: closed before every declared tensor was written")
+        weight_map = {s.name: self._files[i] for i, shard in enumerate(self._shards) for s in shard}
+        index = {
+            "metadata": {"total_size": sum(s.nbytes for s in self._slots),
+                         "total_parameters": sum(s.parameters for s in self._slots)},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=self.indent))
+
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._writer is not None:
+            self._writer.__exit__(exc_type, exc, tb)  # closes the open shard without completing it
+            self._writer = None

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from enum import Enum
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -31,6 +31,20 @@ from cpmkit.errors import CpmkitError
 from cpmkit.kernels.layout import PackedWeight
 
 DEQUANT_CHUNK_ELEMENTS = 1 << 22  # weights dequantized at once by the uncached torch path
+
+
+def linear_by_rows(x: torch.Tensor, out_features: int, rows: Callable[[int, int], torch.Tensor],
+                   step: int) -> torch.Tensor:
+    """``x [..., K] @ W.T`` where ``rows(start, stop)`` gives W's rows ``[start, stop)`` in x's dtype, ``step``
+    rows at a time, each product written into one preallocated output (kept transposed, so a block of rows is
+    contiguous). Collecting partial outputs in a list instead would leave each beside a freed weight block and
+    fragment the heap by the whole weight's size."""
+    x2d = x.reshape(-1, x.shape[-1])
+    out = torch.empty(out_features, x2d.shape[0], dtype=x.dtype, device=x.device)
+    for start in range(0, out_features, step):
+        stop = min(start + step, out_features)
+        torch.mm(rows(start, stop), x2d.T, out=out[start:stop])
+    return out.T.reshape(*x.shape[:-1], out_features)
 
 
 class Backend(str, Enum):
@@ -135,8 +149,8 @@ class QuantLinear(nn.Module):
         if step >= self.out_features:
             return x32 @ self.dequantize().to(x.device).T
         source = self._source()
-        return torch.cat([x32 @ self.fmt.dequantize_rows(*source, start, start + step).to(x.device).T
-                          for start in range(0, self.out_features, step)], dim=-1)
+        return linear_by_rows(x32, self.out_features,
+                              lambda start, stop: self.fmt.dequantize_rows(*source, start, stop).to(x.device), step)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cpmkit.kernels.linear import linear_by_rows
 from cpmkit.spec import Activation, ModelSpec, RopeKind, RopeSpec
 
 # (name, in_features, out_features) -> module mapping [..., in] to [..., out]; ``name`` is the HF tensor
@@ -60,8 +61,7 @@ class StoredLinear(nn.Module):
         step = max(1, UPCAST_CHUNK_ELEMENTS // self.in_features)
         if step >= self.out_features:
             return F.linear(x, w.to(x.dtype))
-        return torch.cat([F.linear(x, w[i : i + step].to(x.dtype)) for i in range(0, self.out_features, step)],
-                         dim=-1)
+        return linear_by_rows(x, self.out_features, lambda start, stop: w[start:stop].to(x.dtype), step)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.weight.dtype}"

@@ -22,6 +22,7 @@ Two ways to use it:
 
 from __future__ import annotations
 
+import ctypes
 import math
 import tempfile
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ Progress = Callable[[Iterable], Iterable]
 # Quantized weights of a block are kept dequantized for its whole pass (one dequantization instead of one per
 # sequence) while they take at most this much memory; larger blocks dequantize a row chunk at a time per call.
 CACHE_BLOCK_BYTES = 256 << 20
+_LIBC = ctypes.CDLL(None)
 HOST_HIDDEN_BYTES = 4 << 30  # hidden states of all sequences kept in host memory up to this, else on disk
 DEVICE_HIDDEN_FRACTION = 0.25  # of the GPU's free memory, for hidden states kept on the device
 
@@ -156,6 +158,7 @@ class StreamedRunner:
                 block = self._load(model, names)
                 _run_block(model.model.layers[int(name.split(".")[1])], store, cos, sin, self.batch)
                 model.unload(block)
+                _return_freed_memory()
             head = self._load(model, parts[-1][1])
             with torch.no_grad():
                 for i in range(len(store)):
@@ -177,6 +180,7 @@ class StreamedRunner:
                 if not run.advanced:
                     run.advance()
                 model.unload(block_names)
+                _return_freed_memory()
         finally:
             store.close()
 
@@ -191,6 +195,7 @@ class StreamedRunner:
             for i in range(n):
                 store.put(i, model.embed(tokens[i : i + 1].to(self.device)))
         model.unload(embedding)
+        _return_freed_memory()
         cos, sin = model.rope(0, length, self.device)
         return model, store, cos, sin
 
@@ -204,6 +209,16 @@ class StreamedRunner:
         for m in quantized:
             m.cache_dequantized = self.device.type == "cpu" and dense <= CACHE_BLOCK_BYTES
         return names
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap memory a finished part freed back to the system (glibc keeps freed blocks below its
+    adaptive mmap threshold, up to 32 MiB each, and several threads' arenas of them, so the process would
+    otherwise grow with every part)."""
+    try:
+        _LIBC.malloc_trim(0)
+    except AttributeError:  # not glibc
+        pass
 
 
 def load_part(source: ModelSource, model: CausalLM, names: list[str], device: torch.device) -> None:

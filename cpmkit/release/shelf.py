@@ -49,7 +49,7 @@ from cpmkit.checkpoint import DEMO_NAME, Checkpoint, is_hub_id
 from cpmkit.convert.plugin import ConvertContext, Location, Target
 from cpmkit.convert.registry import FORMATS
 from cpmkit.errors import CpmkitError
-from cpmkit.formats.mlx.folder import card_front_matter
+from cpmkit.formats.hf_folder import card_front_matter
 from cpmkit.release.card import CardFacts, model_card
 from cpmkit.release.hub import HubDestination, check_push, upload_folder
 from cpmkit.release.recipe import Gates, ReleaseOptions, ShelfTarget, release_options

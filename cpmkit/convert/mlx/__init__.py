@@ -158,9 +158,10 @@ def _variant(path: Path, config: dict[str, Any]) -> str:
 
 def artifact_files(path: Path) -> tuple[Path, ...]:
     """The files mlx-lm reads from the folder: config, index, weights and the copied tokenizer files."""
+    from cpmkit.formats import hf_folder as hf
     from cpmkit.formats.mlx import folder as mlx_folder
 
-    names = {mlx_folder.CONFIG_NAME, mlx_folder.INDEX_NAME, *mlx_folder.COPIED_FILES}
+    names = {mlx_folder.CONFIG_NAME, mlx_folder.INDEX_NAME, *hf.COPIED_FILES}
     files = {p for p in path.iterdir() if p.is_file() and p.name in names}
-    files |= {p for pattern in (mlx_folder.WEIGHT_GLOB, *mlx_folder.COPIED_GLOBS) for p in path.glob(pattern)}
+    files |= {p for pattern in (mlx_folder.WEIGHT_GLOB, *hf.COPIED_GLOBS) for p in path.glob(pattern)}
     return tuple(sorted(files))

@@ -35,9 +35,10 @@ from cpmkit.atomic import atomic_dir
 from cpmkit.checkpoint import Checkpoint
 from cpmkit.convert.mlx.capability import mlx_reason
 from cpmkit.errors import CpmkitError
+from cpmkit.formats import hf_folder as hf
 from cpmkit.formats.mlx import folder as mlx_folder
-from cpmkit.formats.mlx.folder import MlxFolderWriter, TensorSlot
 from cpmkit.formats.mlx.pack import pack_codes
+from cpmkit.formats.safetensors import ShardedWriter, TensorSlot
 from cpmkit.quant.affine import AffineSpec, quantize_affine
 from cpmkit.quant.mlx_recipes import MlxRecipe, UniformRecipe, mixed_recipe
 from cpmkit.spec import Family, ModelSpec, RopeKind
@@ -105,8 +106,8 @@ def convert_to_mlx(ck: Checkpoint, out_dir: Path, *, bits: int = 4, group_size: 
     reason = mlx_reason(ck.spec)
     if reason:
         raise CpmkitError(f"{ck.root}: cannot convert to MLX: {reason}")
-    if tokenizer and not mlx_folder.has_tokenizer(ck.root):
-        raise CpmkitError(f"{ck.root}: no tokenizer files ({' or '.join(mlx_folder.TOKENIZER_FILES)}); mlx-lm cannot "
+    if tokenizer and not hf.has_tokenizer(ck.root):
+        raise CpmkitError(f"{ck.root}: no tokenizer files ({' or '.join(hf.TOKENIZER_FILES)}); mlx-lm cannot "
                           "load a folder without one (--no-tokenizer writes it anyway)")
     plan_recipe = _recipe(bits, group_size, recipe, quantize)
     dtype_name = _dtype_name(ck, dtype)
@@ -121,17 +122,17 @@ def convert_to_mlx(ck: Checkpoint, out_dir: Path, *, bits: int = 4, group_size: 
     slots = [slot for job in jobs for slot in job.slots(out_dtype)]
 
     with atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
-        with MlxFolderWriter(tmp, slots) as writer:
+        with mlx_folder.folder_writer(tmp, slots) as writer:
             # zip pulls one job, then one tensor: the checkpoint streams lazily under the progress wrapper
             for job, (_, tensor) in zip(progress(jobs), ck.stream([job.source for job in jobs])):
                 _write_job(writer, job, tensor.to(out_dtype))
         mlx_folder.write_config(tmp, config)
-        mlx_folder.copy_source_files(ck.root, tmp)
+        hf.copy_source_files(ck.root, tmp)
         _write_card(tmp, Path(out_dir).name, ck, config, plan_recipe, recipe, dtype_name)
     return Path(out_dir)
 
 
-def _write_job(writer: MlxFolderWriter, job: _Job, tensor: torch.Tensor) -> None:
+def _write_job(writer: ShardedWriter, job: _Job, tensor: torch.Tensor) -> None:
     if job.spec is None:
         writer.write(job.name, tensor)
         return
@@ -269,8 +270,8 @@ def _write_card(folder: Path, title: str, ck: Checkpoint, config: dict[str, Any]
         what = f"{plan_recipe.bits}-bit affine quantization (group size {plan_recipe.group_size})"
     source = f"[{base}](https://huggingface.co/{base})" if base else f"{ck.spec.architecture} checkpoint"
     summary = f"MLX version of {source}, converted by cpmkit: {what}, {dtype_name} scales and norms."
-    mlx_folder.write_model_card(folder, title=title, summary=summary, usage=usage(title, config),
-                                base_model=base, license_keys=mlx_folder.card_front_matter(ck.root))
+    mlx_folder.write_mlx_card(folder, title=title, summary=summary, usage=usage(title, config),
+                                base_model=base, license_keys=hf.card_front_matter(ck.root))
 
 
 def usage(model: str, config: dict[str, Any]) -> str:

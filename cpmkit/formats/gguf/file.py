@@ -234,17 +234,26 @@ class GGUFFileWriter:
 
 @dataclass(frozen=True)
 class StoredTensor:
-    """One tensor of a GGUF file: raw bytes as stored (uint8 ``[..., row_bytes]``, memory-mapped)."""
+    """One tensor of a GGUF file: raw bytes as stored (uint8 ``[..., row_bytes]``, memory-mapped: read small
+    tensors from the map, large ones with :meth:`torch_raw`)."""
 
     name: str
     qtype: QType
     shape: tuple[int, ...]  # torch order: last dimension = row length
     raw: np.ndarray
     offset: int  # absolute file offset of the data
+    path: Path
 
     def torch_raw(self, index: int | None = None) -> torch.Tensor:
-        """The bytes as a torch tensor (of matrix ``index`` of a 3-D tensor); a copy, the map is read-only."""
-        return torch.from_numpy(np.array(self.raw if index is None else self.raw[index]))
+        """The bytes (of matrix ``index`` of a 3-D tensor) as a torch tensor of their own, read from the file:
+        pages read through the map would stay mapped, and counted as this process's memory, for as long as the
+        file is open."""
+        shape = self.raw.shape if index is None else self.raw.shape[1:]
+        count = int(np.prod(shape))
+        data = np.fromfile(self.path, dtype=np.uint8, count=count, offset=self.offset + (index or 0) * count)
+        if data.size != count:
+            raise CpmkitError(f"{self.path}: tensor {self.name} could not be read whole; the file changed")
+        return torch.from_numpy(data.reshape(shape))
 
 
 @dataclass(frozen=True)
@@ -285,7 +294,8 @@ def read_gguf(path: str | Path) -> GGUFContents:
             raw = np.asarray(t.data).view(np.uint8)
             if int(t.data_offset) + raw.nbytes > size:
                 raise ValueError(f"tensor {t.name} ends at byte {int(t.data_offset) + raw.nbytes}, past the end")
-            tensors[t.name] = StoredTensor(t.name, qtype, shape, raw.reshape(*shape[:-1], -1), int(t.data_offset))
+            tensors[t.name] = StoredTensor(t.name, qtype, shape, raw.reshape(*shape[:-1], -1), int(t.data_offset),
+                                           path)
     except (ValueError, OSError, IndexError, KeyError, TypeError, OverflowError) as e:
         # gguf-py's reader raises these on bad files (numpy's on counts and offsets past the end)
         raise CpmkitError(f"{path}: not a readable GGUF file, truncated or corrupt ({size} bytes): {e}") from None

@@ -17,16 +17,13 @@ A folder holds:
   ``<path>.scales`` is present, so float layers need no config entry.
 * The tokenizer files and ``generation_config.json``, and a ``README.md`` model card.
 
-Tensors are written one at a time through :class:`MlxFolderWriter`, whose shards and headers are fixed
-from the declared slots before the first byte.
+Tensors are written one at a time through :func:`folder_writer` (``cpmkit.formats.safetensors.ShardedWriter``),
+whose shards and headers are fixed from the declared slots before the first byte.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,44 +31,16 @@ from typing import Any, Protocol
 import torch
 
 from cpmkit.errors import CpmkitError
+from cpmkit.formats import hf_folder as hf
 from cpmkit.formats import safetensors as st
 from cpmkit.jsonfile import read_json_object
 
 CONFIG_NAME = "config.json"
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
+INDEX_NAME = st.INDEX_NAME
 WEIGHT_GLOB = "model*.safetensors"  # what mlx_lm.utils.load_model reads
-MAX_SHARD_BYTES = 5 << 30  # mlx_lm.utils.MAX_FILE_SIZE_GB = 5, applied as `5 << 30`
+MAX_SHARD_BYTES = st.MAX_SHARD_BYTES  # mlx_lm.utils.MAX_FILE_SIZE_GB = 5, applied as `5 << 30`
 SAFETENSORS_METADATA = {"format": "mlx"}
 CONFIG_INDENT = 4
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # transformers builds a tokenizer from one
-# Tokenizer and generation files copied verbatim from the source folder (mlx-lm re-saves the tokenizer
-# through transformers instead, which rewrites the files).
-COPIED_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-                "generation_config.json")
-# tokenization_*.py: a tokenizer_config.json auto_map may name a custom tokenizer class (remote modeling code
-# is not copied: its auto_map is dropped from config.json).
-COPIED_GLOBS = ("*.tiktoken", "tokenization_*.py")
-CARD_NAME = "README.md"
-# Keys of a source card's front matter carried over to ours.
-LICENSE_KEYS = ("license", "license_name", "license_link")
-
-
-@dataclass(frozen=True)
-class TensorSlot:
-    """One tensor of the folder, declared before writing. ``parameters`` is its count of logical weights
-    (a packed uint32 word holds 32/bits of them; scales and biases count none), as mlx-lm's
-    ``get_total_parameters`` reports them."""
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    parameters: int
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
 
 
 class LayerQuantization(Protocol):
@@ -95,82 +64,10 @@ def quantization_config(default: LayerQuantization, layers: dict[str, LayerQuant
     return out
 
 
-def plan_shards(slots: list[TensorSlot], max_bytes: int | None = None) -> list[list[TensorSlot]]:
-    """Cut the slots, in order, into shards as ``make_shards`` does: a shard is closed when the next tensor
-    would take it past ``max_bytes``; a tensor larger than the limit gets a shard of its own."""
-    limit = MAX_SHARD_BYTES if max_bytes is None else max_bytes
-    shards: list[list[TensorSlot]] = []
-    size = 0
-    for slot in slots:
-        if not shards or size + slot.nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(slot)
-        size += slot.nbytes
-    return shards
-
-
-def shard_file_names(count: int) -> list[str]:
-    if count == 1:
-        return [SINGLE_NAME]
-    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-
-
-class MlxFolderWriter:
-    """Writes the declared slots, in order, into ``folder``'s safetensors shards, one tensor at a time; only
-    the shard being written is open. Leaving the ``with`` block normally checks that every slot was written
-    and writes the index."""
-
-    def __init__(self, folder: Path, slots: list[TensorSlot], max_shard_bytes: int | None = None):
-        if len({s.name for s in slots}) != len(slots):
-            raise ValueError("MlxFolderWriter: duplicate tensor names")
-        self.folder = folder
-        self._shards = plan_shards(slots, max_shard_bytes)
-        self._files = shard_file_names(len(self._shards))
-        self._slots = slots
-        self._shard = -1
-        self._left = 0  # tensors still to write in the open shard
-        self._writer: st.StreamingWriter | None = None
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        if self._left == 0:
-            self._open_next()
-        assert self._writer is not None
-        self._writer.write(name, tensor)
-        self._left -= 1
-        if self._left == 0:
-            self._writer.close()
-            self._writer = None
-
-    def _open_next(self) -> None:
-        self._shard += 1
-        if self._shard >= len(self._shards):
-            raise ValueError(f"{self.folder}: more tensors written than declared")
-        shard = self._shards[self._shard]
-        self._writer = st.StreamingWriter(self.folder / self._files[self._shard],
-                                          [(s.name, s.dtype, s.shape) for s in shard], SAFETENSORS_METADATA)
-        self._left = len(shard)
-
-    def close(self) -> None:
-        if self._writer is not None or self._shard != len(self._shards) - 1:
-            raise ValueError(f"{self.folder}: closed before every declared tensor was written")
-        weight_map = {s.name: self._files[i] for i, shard in enumerate(self._shards) for s in shard}
-        index = {
-            "metadata": {"total_size": sum(s.nbytes for s in self._slots),
-                         "total_parameters": sum(s.parameters for s in self._slots)},
-            "weight_map": dict(sorted(weight_map.items())),
-        }
-        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=CONFIG_INDENT))
-
-    def __enter__(self) -> "MlxFolderWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        elif self._writer is not None:
-            self._writer.__exit__(exc_type, exc, tb)  # closes the open shard without completing it
-            self._writer = None
+def folder_writer(folder: Path, slots: list[st.TensorSlot]) -> st.ShardedWriter:
+    """The writer of the folder's weights, sharded as mlx-lm shards them."""
+    return st.ShardedWriter(folder, slots, SAFETENSORS_METADATA, max_shard_bytes=MAX_SHARD_BYTES,
+                            indent=CONFIG_INDENT)
 
 
 def write_config(folder: Path, config: dict[str, Any]) -> None:
@@ -182,46 +79,12 @@ def write_config(folder: Path, config: dict[str, Any]) -> None:
     (folder / CONFIG_NAME).write_text(json.dumps(dict(sorted(out.items())), indent=CONFIG_INDENT))
 
 
-def has_tokenizer(source: Path) -> bool:
-    return any((source / name).is_file() for name in TOKENIZER_FILES)
-
-
-def copy_source_files(source: Path, folder: Path) -> list[str]:
-    """Copy the tokenizer and generation files that exist in ``source``; returns their names."""
-    names = [n for n in COPIED_FILES if (source / n).is_file()]
-    names += sorted(p.name for g in COPIED_GLOBS for p in source.glob(g) if p.is_file())
-    for name in names:
-        shutil.copyfile(source / name, folder / name)
-    return names
-
-
-def card_front_matter(source: Path) -> dict[str, str]:
-    """The license keys of ``source``'s README.md front matter (``key: value`` lines between ``---``)."""
-    card = source / CARD_NAME
-    if not card.is_file():
-        return {}
-    match = re.match(r"---\s*\n(.*?)\n---", card.read_text(encoding="utf-8", errors="replace"), re.S)
-    if not match:
-        return {}
-    found = {}
-    for line in match.group(1).splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() in LICENSE_KEYS and value.strip():
-            found[key.strip()] = value.strip()
-    return found
-
-
-def write_model_card(folder: Path, *, title: str, summary: str, usage: str, base_model: str | None,
-                     license_keys: dict[str, str]) -> None:
+def write_mlx_card(folder: Path, *, title: str, summary: str, usage: str, base_model: str | None,
+                   license_keys: dict[str, str]) -> None:
     """``README.md`` with the front matter mlx-lm's ``create_model_card`` sets (library_name mlx, tag mlx,
-    pipeline_tag text-generation, base_model) plus the source's license keys; ``usage`` is markdown."""
-    front = ["---", "library_name: mlx", "pipeline_tag: text-generation", "tags:", "- mlx"]
-    if base_model:
-        front.append(f"base_model: {base_model}")
-    front += [f"{k}: {v}" for k, v in license_keys.items()]
-    front.append("---")
-    body = f"# {title}\n\n{summary}\n\n{usage.strip()}\n"
-    (folder / CARD_NAME).write_text("\n".join(front) + "\n\n" + body, encoding="utf-8")
+    pipeline_tag text-generation, base_model) plus the source's license keys."""
+    hf.write_model_card(folder, front={"library_name": "mlx", "pipeline_tag": "text-generation", "tags": ["mlx"]},
+                        title=title, summary=summary, usage=usage, base_model=base_model, license_keys=license_keys)
 
 
 # ---- reading ----------------------------------------------------------------------------------------
