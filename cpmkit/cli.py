@@ -70,8 +70,10 @@ def _format_options(command: Callable) -> Callable:
         if option.kind is bool:
             decorator = click.option(option.flag, name, is_flag=True, flag_value=True, default=None, help=text)
         else:
+            # each plug-in checks its own choices; the command line offers all of them
+            choices = tuple(dict.fromkeys(c for _, o in entries for c in (o.choices or ())))
             kind = {int: int, float: float, Path: click.Path(dir_okay=False),
-                    str: click.Choice(option.choices) if option.choices else str}[option.kind]
+                    str: click.Choice(choices) if choices else str}[option.kind]
             metavar = "REGEX=TYPE" if name == "tensor_type" else None
             decorator = click.option(option.flag, name, type=kind, multiple=option.multiple, help=text,
                                      metavar=metavar)
@@ -165,6 +167,7 @@ def eval_(path: str, text_file: str | None, dataset: str | None, ctx: int, chunk
 def convert(path: str, out: str, target: str, device: str, overwrite: bool, **options: Any) -> None:
     from cpmkit.checkpoint import Checkpoint
     from cpmkit.convert.plugin import ConvertContext, parse_target
+    from cpmkit.device import resolve_device
 
     parsed = parse_target(target, _given(options))
     plugin = FORMATS[parsed.format]
@@ -172,8 +175,8 @@ def convert(path: str, out: str, target: str, device: str, overwrite: bool, **op
     reason = plugin.why_not(ck.spec, parsed)
     if reason:
         raise CpmkitError(f"{ck.root}: cannot convert to {parsed.name}: {reason}")
-    context = ConvertContext(overwrite=overwrite, progress=_progress(f"{parsed.name}: converting", "tensor"),
-                             device=device, log=_log)
+    context = ConvertContext(overwrite=overwrite, progress=_progress(f"{parsed.name}: converting", "part"),
+                             device=str(resolve_device(device)), log=_log)
     click.echo(str(plugin.convert(ck, parsed, Path(out), context)))
 
 

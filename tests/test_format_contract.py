@@ -36,7 +36,7 @@ def artifacts(checkpoint, tmp_path_factory):
     ck = Checkpoint.open(checkpoint)
     out = {}
     for plugin in PLUGINS:
-        target = parse_target(f"{plugin.name}:{plugin.contract_variant}")
+        target = parse_target(f"{plugin.name}:{plugin.contract_variant}", plugin.contract_options)
         out[plugin.name] = (target, plugin.convert(ck, target, root / f"{plugin.name}-out", ConvertContext()))
     return out
 
@@ -78,12 +78,15 @@ def test_loads_close_to_the_reference(plugin, artifacts, checkpoint):
 def test_release_round_trip(plugin, checkpoint, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(sample_text())
-    options = dict(targets=(f"{plugin.name}:{plugin.contract_variant}",), text=text, ctx=64, chunks=2, speed=False,
-                   cache_dir=tmp_path / "cache")
+    recipe = tmp_path / "recipe.toml"
+    table = ", ".join([f'to = "{plugin.name}:{plugin.contract_variant}"',
+                       *(f"{k} = {json.dumps(v)}" for k, v in plugin.contract_options.items())])
+    recipe.write_text(f"targets = [{{ {table} }}]\n")
+    options = dict(recipe=recipe, text=text, ctx=64, chunks=2, speed=False, cache_dir=tmp_path / "cache")
     first = release(checkpoint, tmp_path / "shelf", **options)
     (made,) = first.artifacts
     assert made.status is FolderStatus.BUILT and made.passed
-    assert made.folder.name == plugin.folder_name(parse_target(made.name), "MiniCPM4-0.5B")
+    assert made.folder.name == plugin.folder_name(parse_target(made.name, plugin.contract_options), "MiniCPM4-0.5B")
     manifest = json.loads((tmp_path / "shelf" / MANIFEST).read_text())
     assert [a["name"] for a in manifest["artifacts"]] == [made.name]
     assert artifact_plugin(made.folder / manifest["artifacts"][0]["artifact"]) is plugin
@@ -97,11 +100,12 @@ def test_unknown_and_inapplicable_options_are_refused(plugin, checkpoint, tmp_pa
         parse_target(f"{plugin.name}:not-a-variant")
     with pytest.raises(CpmkitError, match=r"--frobnicate does not apply to .* \(no format takes it\)"):
         parse_target(plugin.name, {"frobnicate": 1})
-    others = [(p.name, o) for p in PLUGINS if p is not plugin for o in p.options
-              if o.name not in {mine.name for mine in plugin.options}]
-    for other, option in others:
+    others = {o.name: o for p in PLUGINS if p is not plugin for o in p.options
+              if o.name not in {mine.name for mine in plugin.options}}
+    for option in others.values():
+        takers = ", ".join(p.name for p in PLUGINS if any(o.name == option.name for o in p.options))
         with pytest.raises(CpmkitError, match=f"{option.flag} does not apply to {plugin.name} "
-                                              f"\\(it is an option of {other}"):
+                                              f"\\(it is an option of {takers}\\)"):
             parse_target(plugin.name, {option.name: True if option.kind is bool else "x"})
         args = [option.flag] if option.kind is bool else [option.flag, (option.choices or ("1",))[0]]
         result = CliRunner().invoke(cli, ["convert", str(checkpoint), str(tmp_path / "out"), "--to", plugin.name,

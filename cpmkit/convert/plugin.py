@@ -95,6 +95,7 @@ class ArtifactDescription:
     variant: str  # quantization within the format: Q4_K_M, 4bit-g64, mixed_4_6-g64, bfloat16
     files: tuple[Path, ...]  # what a runtime loads: the GGUF file; a folder's config, weights, tokenizer
     tensor_bytes: int  # bytes of every model tensor, quantization scales included
+    notes: tuple[str, ...] = ()  # what a reader should know (contradicting config files, ...)
 
     @property
     def name(self) -> str:
@@ -150,6 +151,7 @@ class FormatPlugin:
     tags: ClassVar[tuple[str, ...]] = ()  # model card tags besides minicpm/quantized/variant
     library_name: ClassVar[str | None] = None  # model card library_name
     contract_variant: ClassVar[str]  # a cheap, close-to-lossless variant the contract suite converts
+    contract_options: ClassVar[dict[str, Any]] = {}  # ... with these options (small calibration, say)
 
     # ---- options ---------------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cpmkit.convert.gguf import GGUFFormat
+from cpmkit.convert.gptq import GPTQFormat
 from cpmkit.convert.mlx import MLXFormat
 from cpmkit.convert.plugin import FormatPlugin
 from cpmkit.errors import CpmkitError
@@ -12,6 +13,7 @@ from cpmkit.errors import CpmkitError
 FORMATS: dict[str, FormatPlugin] = {p.name: p for p in (
     GGUFFormat(),
     MLXFormat(),
+    GPTQFormat(),
 )}
 
 

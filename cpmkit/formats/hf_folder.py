@@ -17,6 +17,9 @@ COPIED_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "s
 # tokenization_*.py: a tokenizer_config.json auto_map may name a custom tokenizer class. Modeling code is a
 # format's own choice (MLX drops config.json's auto_map; GPTQ keeps the source's files for transformers).
 COPIED_GLOBS = ("*.tiktoken", "tokenization_*.py")
+# A model's own code (auto_map in config.json names it): copied for runtimes that load it with
+# trust_remote_code (transformers has no native ``minicpm``); cpmkit never runs it.
+MODELING_GLOBS = ("configuration_*.py", "modeling_*.py")
 CARD_NAME = "README.md"
 # Keys of a source card's front matter carried over to ours.
 LICENSE_KEYS = ("license", "license_name", "license_link")
@@ -30,6 +33,13 @@ def copy_source_files(source: Path, folder: Path) -> list[str]:
     """Copy the tokenizer and generation files that exist in ``source``; returns their names."""
     names = [n for n in COPIED_FILES if (source / n).is_file()]
     names += sorted(p.name for g in COPIED_GLOBS for p in source.glob(g) if p.is_file())
+    for name in names:
+        shutil.copyfile(source / name, folder / name)
+    return names
+
+
+def copy_modeling_files(source: Path, folder: Path) -> list[str]:
+    names = sorted(p.name for g in MODELING_GLOBS for p in source.glob(g) if p.is_file())
     for name in names:
         shutil.copyfile(source / name, folder / name)
     return names

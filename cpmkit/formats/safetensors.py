@@ -142,6 +142,41 @@ class StreamingWriter:
 
 
 @dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor of a folder of safetensors files lives; read on demand."""
+
+    file: Path
+    entry: TensorEntry
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.entry.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.entry.dtype
+
+    def read(self) -> torch.Tensor:
+        return read_tensor(self.file, self.entry)
+
+
+def index_folder(folder: Path, patterns: tuple[str, ...], what: str) -> dict[str, StoredTensor]:
+    """Every tensor of the safetensors files in ``folder`` matching ``patterns``, by name (each header
+    checked); ``what`` names the folder kind in the error when there are none."""
+    files = sorted({f for pattern in patterns for f in folder.glob(pattern)})
+    if not files:
+        raise CpmkitError(f"{folder}: no {' or '.join(patterns)} files; not {what}")
+    found: dict[str, StoredTensor] = {}
+    for file in files:
+        entries, _ = read_header(file)
+        for name, entry in entries.items():
+            if name in found:
+                raise CpmkitError(f"{file}: tensor {name} is also in {found[name].file.name}")
+            found[name] = StoredTensor(file, entry)
+    return found
+
+
+@dataclass(frozen=True)
 class TensorSlot:
     """One tensor of a sharded folder, declared before writing. ``parameters`` is its count of logical weights
     (a packed word holds several; scales count none), for the index's ``total_parameters``."""

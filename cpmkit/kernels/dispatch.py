@@ -166,6 +166,8 @@ def quant_matmul(x: torch.Tensor, w: PackedWeight, tune: TuneCache | None = None
         raise CpmkitError(f"dequant matmul: input {x.dtype} {tuple(x.shape)} does not fit a {w.n}x{w.k} weight; "
                           "expected float32/float16/bfloat16 with last dimension K")
     x2d = x.reshape(-1, w.k)
+    if w.perm is not None:
+        x2d = x2d.index_select(1, w.perm.to(x2d.device))
     if x2d.stride(1) != 1:  # the kernels read K-contiguous rows
         x2d = x2d.contiguous()
     m = x2d.shape[0]

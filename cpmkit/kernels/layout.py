@@ -94,9 +94,13 @@ class PackedWeight:
     m: torch.Tensor | None
     sub_d: torch.Tensor | None
     sub_m: torch.Tensor | None
+    # int64 [K]: when set, the packed K axis is the weight's in this order (GPTQ act-order, sorted so groups
+    # are contiguous), and the input's features are gathered the same way (vLLM's g_idx sort)
+    perm: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         lay, n, k = self.layout, self.n, self.k
+        assert self.perm is None or tuple(self.perm.shape) == (k,), self.perm
         expected = {
             "lo": (k * lay.lo_bits // WORD_BITS, n),
             "hi": (k * lay.hi_bits // WORD_BITS, n) if lay.hi_bits else None,
@@ -148,9 +152,10 @@ class AffineCodes:
     sub_m: torch.Tensor | None  # uint8 [N, K / sub_block]
 
 
-def pack_affine(chunks, layout: AffineLayout, n: int, k: int) -> PackedWeight:
+def pack_affine(chunks, layout: AffineLayout, n: int, k: int, perm: torch.Tensor | None = None) -> PackedWeight:
     """Assemble a :class:`PackedWeight` from :class:`AffineCodes` covering consecutive row ranges of W
-    (an iterable of ``(row_start, AffineCodes)``), transposing each to K-major as it arrives."""
+    (an iterable of ``(row_start, AffineCodes)``, whose K axis is in ``perm``'s order when given),
+    transposing each to K-major as it arrives."""
     lo_mask = (1 << layout.lo_bits) - 1
     out: dict[str, torch.Tensor | None] = {}
     for n0, part in chunks:
@@ -167,7 +172,8 @@ def pack_affine(chunks, layout: AffineLayout, n: int, k: int) -> PackedWeight:
             if name not in out:
                 out[name] = torch.empty((t.shape[1], n), dtype=t.dtype, device=t.device)
             out[name][:, n0 : n0 + rows] = t.T
-    return PackedWeight(layout=layout, n=n, k=k, **{f: out.get(f) for f in ("lo", "hi", "d", "m", "sub_d", "sub_m")})
+    return PackedWeight(layout=layout, n=n, k=k, perm=perm,
+                        **{f: out.get(f) for f in ("lo", "hi", "d", "m", "sub_d", "sub_m")})
 
 
 def rows_per_chunk(k: int) -> int:

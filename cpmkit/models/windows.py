@@ -50,3 +50,20 @@ def make_windows(tokens: list[int], ctx: int, bos_id: int | None, max_chunks: in
     if bos_id is not None:
         t[:, 0] = bos_id
     return Windows(t, ctx)
+
+
+def calibration_windows(tokens: list[int], n: int, length: int, bos_id: int | None, seed: int = 0) -> torch.Tensor:
+    """``n`` windows of ``length`` tokens at random starts in ``tokens`` (seeded: the same text gives the same
+    windows), each starting with BOS when the vocabulary adds one: GPTQ's and AWQ's calibration samples."""
+    if length < 2:
+        raise CpmkitError(f"--seqlen {length}: must be at least 2")
+    if n < 1:
+        raise CpmkitError(f"--nsamples {n}: must be at least 1")
+    if len(tokens) < length:
+        raise CpmkitError(f"the calibration text has {len(tokens)} tokens, fewer than one sample of --seqlen {length}")
+    ids = torch.tensor(tokens, dtype=torch.long)
+    starts = torch.randint(0, len(tokens) - length + 1, (n,), generator=torch.Generator().manual_seed(seed))
+    windows = torch.stack([ids[s : s + length] for s in starts.tolist()])
+    if bos_id is not None:
+        windows[:, 0] = bos_id
+    return windows

@@ -182,6 +182,8 @@ class Verifier:
         overrides the variant read from the artifact (a release names its targets)."""
         path = Path(path)
         description = artifact_plugin(path).describe(path)
+        for note in description.notes:
+            self.log(f"{path}: {note}")
         variant = variant or description.variant
         source = self.open_artifact(path, LoadOptions(SCORE_DTYPE, Backend.AUTO))
         self.reference_logprobs()  # before the artifact's pass, so the two never run at once

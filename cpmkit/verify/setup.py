@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from cpmkit.checkpoint import Checkpoint
+from cpmkit.device import resolve_device  # noqa: F401  (re-exported for verify)
 from cpmkit.errors import CpmkitError
 from cpmkit.models.text import BUILTIN_TEXT, load_text
 from cpmkit.verify.report import Device, DeviceType, Dtype, KernelPath, Reference
@@ -43,16 +44,6 @@ class EvalText:
         if text_file is None or Path(text_file).resolve() == BUILTIN_TEXT:
             return cls(text, "builtin")
         return cls(text, f"file:{Path(text_file).name}")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise CpmkitError(f"--device {device}: use auto, cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CpmkitError(f"--device {device}: no CUDA device is available (torch {torch.__version__})")
-    return torch.device(device)
 
 
 def device_name(device: torch.device) -> str:

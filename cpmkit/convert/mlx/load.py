@@ -31,8 +31,8 @@ from torch import nn
 from cpmkit.convert.mlx.weight import mlx_linear
 from cpmkit.errors import CpmkitError
 from cpmkit.formats.mlx import folder as mlx_folder
-from cpmkit.formats.mlx.folder import StoredTensor
 from cpmkit.formats.mlx.pack import unpack_codes
+from cpmkit.formats.safetensors import StoredTensor
 from cpmkit.kernels import Backend
 from cpmkit.models import CausalLM, build_model
 from cpmkit.models.source import ModelSource

@@ -24,13 +24,9 @@ whose shards and headers are fixed from the declared slots before the first byte
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
-
-from cpmkit.errors import CpmkitError
 from cpmkit.formats import hf_folder as hf
 from cpmkit.formats import safetensors as st
 from cpmkit.jsonfile import read_json_object
@@ -94,33 +90,6 @@ def read_config(folder: Path) -> dict[str, Any]:
     return read_json_object(folder / CONFIG_NAME, missing="not found; not an MLX model folder")
 
 
-@dataclass(frozen=True)
-class StoredTensor:
-    file: Path
-    entry: st.TensorEntry
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.entry.shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.entry.dtype
-
-    def read(self) -> torch.Tensor:
-        return st.read_tensor(self.file, self.entry)
-
-
-def index_tensors(folder: Path) -> dict[str, StoredTensor]:
+def index_tensors(folder: Path) -> dict[str, st.StoredTensor]:
     """Every tensor in the folder's ``model*.safetensors`` files (the files mlx-lm loads), by name."""
-    files = sorted(folder.glob(WEIGHT_GLOB))
-    if not files:
-        raise CpmkitError(f"{folder}: no {WEIGHT_GLOB} files; not an MLX model folder")
-    found: dict[str, StoredTensor] = {}
-    for file in files:
-        entries, _ = st.read_header(file)
-        for name, entry in entries.items():
-            if name in found:
-                raise CpmkitError(f"{file}: tensor {name} is also in {found[name].file.name}")
-            found[name] = StoredTensor(file, entry)
-    return found
+    return st.index_folder(folder, (WEIGHT_GLOB,), "an MLX model folder")

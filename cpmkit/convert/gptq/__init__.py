@@ -1,0 +1,210 @@
+"""The GPTQ plug-in: calibrated 2/3/4/8-bit weights that vLLM, SGLang, transformers (with gptqmodel) and GPTQModel
+load, in AutoGPTQ's layout or llm-compressor's compressed-tensors one.
+
+Variants: ``gptq:<bits>bit-g<group>`` (``4bit-g128``; short forms ``gptq:4``, ``gptq:4-g64``; ``-channel`` for
+one group per row), with ``-actorder``, ``-static``, ``-asym`` and ``-ct`` appended by the options that change
+the bytes. Files: ``calibrate`` (samples and the block visitor), ``convert`` (the folder), ``load`` (any GPTQ
+folder as cpmkit's model), ``weight`` (a linear as a kernel weight), ``runtimes`` (vLLM Marlin and CPM.cu
+eligibility). The algorithm is ``cpmkit.quant.gptq``; the bit layouts ``cpmkit.formats.gptq``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from cpmkit.convert.plugin import (
+    ArtifactDescription,
+    ConvertContext,
+    FormatPlugin,
+    LoadOptions,
+    Location,
+    Option,
+    Target,
+)
+from cpmkit.errors import CpmkitError
+
+_VARIANT = re.compile(r"(?P<bits>\d+)(?:bit)?(?:-(?:g(?P<group>\d+)|(?P<channel>channel)))?")
+LAYOUTS = ("gptq", "compressed-tensors")
+DEFAULT_GROUP = 128
+
+
+class GPTQFormat(FormatPlugin):
+    name = "gptq"
+    suffix = "GPTQ"
+    description = "a GPTQ folder (config.json with a gptq or compressed-tensors quantization_config, or " \
+                  "quantize_config.json)"
+    default_variant = "4bit-g128"
+    folder_artifact = True
+    tags = ("gptq",)
+    library_name = "transformers"
+    contract_variant = "8bit-g32"
+    contract_options = {"nsamples": 8, "seqlen": 64}
+    options = (
+        Option("act_order", bool, "quantize columns in order of decreasing activation (desc_act)"),
+        Option("static_groups", bool, "fix every group's scale before the sweep (keeps g_idx = k // group)"),
+        Option("asym", bool, "asymmetric (zero point per group; written as gptq_v2)"),
+        Option("layout", str, "gptq (AutoGPTQ tensors, the default) or compressed-tensors (llm-compressor)",
+               choices=LAYOUTS),
+        Option("calib", Path, "calibration text (UTF-8; default: the built-in text)"),
+        Option("nsamples", int, "calibration samples (default 128)"),
+        Option("seqlen", int, "tokens per calibration sample (default 512)"),
+        Option("damp", float, "Hessian damping to start from, as a fraction of its mean diagonal (default 0.01)"),
+    )
+
+    def parse_variant(self, variant: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        from cpmkit.quant.gptq import GPTQSpec
+        from cpmkit.quant.groups import GroupSpec
+
+        match = _VARIANT.fullmatch(variant)
+        if match is None:
+            raise CpmkitError("expected BITS[bit][-gGROUP|-channel], e.g. gptq:4bit-g128, gptq:4, gptq:8-g64")
+        bits = int(match["bits"])
+        group = -1 if match["channel"] else int(match["group"] or DEFAULT_GROUP)
+        options = {k: v for k, v in options.items() if v is not False}
+        for key in ("nsamples", "seqlen"):
+            if key in options and options[key] < 1:
+                raise CpmkitError(f"--{key} must be at least 1, got {options[key]}")
+        GPTQSpec(GroupSpec(bits, group, not options.get("asym")), damp=options.get("damp", 0.01))  # raises
+        name = f"{bits}bit-" + ("channel" if group == -1 else f"g{group}")
+        for option, suffix in (("act_order", "actorder"), ("static_groups", "static"), ("asym", "asym")):
+            if options.get(option):
+                name += f"-{suffix}"
+        if options.get("layout") == "compressed-tensors":
+            name += "-ct"
+        elif "layout" in options:
+            del options["layout"]  # the default, spelled out
+        return name, {**options, "bits": bits, "group_size": group}
+
+    def capabilities(self, spec, ternary):
+        return {"gptq": None}
+
+    def convert(self, ck, target: Target, out: Path, ctx: ConvertContext) -> Path:
+        from cpmkit.convert.gptq.calibrate import DEFAULT_NSAMPLES, DEFAULT_SEQLEN
+        from cpmkit.convert.gptq.convert import convert_to_gptq
+        from cpmkit.quant.gptq import DEFAULT_DAMP, GPTQSpec
+        from cpmkit.quant.groups import GroupSpec
+
+        o = dict(target.options)
+        spec = GPTQSpec(GroupSpec(o["bits"], o["group_size"], not o.get("asym", False)),
+                        act_order=o.get("act_order", False), static_groups=o.get("static_groups", False),
+                        damp=o.get("damp", DEFAULT_DAMP))
+        return convert_to_gptq(ck, out, spec=spec, layout=o.get("layout", "gptq"), calib=o.get("calib"),
+                               nsamples=o.get("nsamples", DEFAULT_NSAMPLES), seqlen=o.get("seqlen", DEFAULT_SEQLEN),
+                               device=ctx.device, overwrite=ctx.overwrite, progress=ctx.progress, log=ctx.log)
+
+    def detect(self, path: Path) -> bool:
+        from cpmkit.formats.gptq.config import quantization_config_of
+
+        if not path.is_dir():
+            return False
+        try:
+            return quantization_config_of(path) is not None
+        except CpmkitError:
+            return False
+
+    def describe(self, path: Path) -> ArtifactDescription:
+        from cpmkit.convert.gptq.load import folder_tensors
+        from cpmkit.formats import hf_folder as hf
+        from cpmkit.formats.gptq.config import read_gptq_config
+
+        config = read_gptq_config(path)
+        tensors = folder_tensors(path)
+        files = {t.file for t in tensors.values()}
+        files |= {p for p in path.iterdir() if p.is_file() and p.name in (*hf.COPIED_FILES, "config.json",
+                                                                           "quantize_config.json",
+                                                                           "model.safetensors.index.json")}
+        return ArtifactDescription("gptq", variant_of(config), tuple(sorted(files)),
+                                   sum(t.entry.end - t.entry.begin for t in tensors.values()), config.warnings)
+
+    def inspect(self, path: Path) -> dict[str, Any]:
+        from cpmkit.convert.gptq.load import (
+            folder_tensors,
+            open_gptq,
+            quantized_modules,
+        )
+        from cpmkit.convert.gptq.runtimes import cpmcu_reason, vllm_marlin_reason
+        from cpmkit.formats.gptq.config import quantization_config_of, read_gptq_config
+
+        d = self.describe(path)
+        config = read_gptq_config(path)
+        spec = open_gptq(path).spec  # checks every tensor against the model
+        shapes = spec.tensor_shapes()
+        modules = quantized_modules(config, folder_tensors(path))
+        raw = quantization_config_of(path)
+        marlin = vllm_marlin_reason(raw, [shapes[f"{m}.weight"] for m in modules])
+        cpmcu = cpmcu_reason(raw, path)
+        return {"format": self.name, "variant": d.variant, "path": str(path), "method": config.method,
+                "bits": config.bits, "group_size": config.group_size, "sym": config.sym, "desc_act": config.desc_act,
+                "checkpoint_format": config.checkpoint_format, "architecture": spec.architecture,
+                "quantized_linears": len(modules), "file_size": d.file_size_bytes,
+                "bits_per_weight": round(d.bits_per_weight(spec.parameter_count()), 4),
+                "vllm_gptq_marlin": {"picked": marlin is None, "reason": marlin},
+                "cpmcu_gptq2marlin": {"accepted": cpmcu is None, "reason": cpmcu},
+                "warnings": list(config.warnings)}
+
+    def format_inspect(self, info: dict[str, Any]) -> str:
+        def verdict(entry: dict[str, Any], yes: str) -> str:
+            return yes if entry.get("picked", entry.get("accepted")) else f"no: {entry['reason']}"
+
+        lines = [
+            info["path"],
+            f"  format        {info['method']} {info['variant']} ({info['architecture']}), checkpoint_format "
+            f"{info['checkpoint_format']}, desc_act {info['desc_act']}",
+            f"  size          {info['file_size'] / 2**20:.2f} MiB, {info['bits_per_weight']} bits per weight, "
+            f"{info['quantized_linears']} quantized linears",
+            f"  vLLM          {verdict(info['vllm_gptq_marlin'], 'gptq_marlin (repacked to Marlin at load)')}",
+            f"  CPM.cu        {verdict(info['cpmcu_gptq2marlin'], 'gptq2marlin accepts it')}",
+        ]
+        return "\n".join(lines + [f"  warning       {w}" for w in info["warnings"]])
+
+    def open(self, path: Path, reference, options: LoadOptions):
+        from cpmkit.convert.gptq.load import open_gptq
+
+        return open_gptq(path, dtype=options.dtype, backend=options.backend,
+                         cache_dequantized=options.cache_dequantized)
+
+    def usage(self, target: Target, where: Location, config: dict[str, Any]) -> str:
+        from cpmkit.convert.gptq.runtimes import vllm_marlin_reason
+
+        repo = where.repo_id
+        quantization = config.get("quantization_config") or {}
+        marlin = "vLLM repacks this to Marlin at load (gptq_marlin)." if quantization and \
+            vllm_marlin_reason(quantization, []) is None else "vLLM runs it with its GPTQ kernels."
+        return f"""## Run it
+
+[vLLM](https://github.com/vllm-project/vllm) ({marlin}) and [SGLang](https://github.com/sgl-project/sglang):
+
+```bash
+vllm serve {repo}
+python -m sglang.launch_server --model-path {repo}
+```
+
+[transformers](https://github.com/huggingface/transformers) with [GPTQModel](https://github.com/ModelCloud/GPTQModel)
+as its GPTQ backend (`pip install gptqmodel optimum`), or GPTQModel itself:
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{repo}", device_map="auto")
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
+
+from gptqmodel import GPTQModel
+model = GPTQModel.load("{repo}")
+```
+"""
+
+
+def variant_of(config) -> str:
+    """The variant name of a GPTQ folder, as ``parse_variant`` names targets."""
+    name = f"{config.bits}bit-" + ("channel" if config.group_size == -1 else f"g{config.group_size}")
+    if config.desc_act:
+        name += "-actorder"
+    if config.static_groups:
+        name += "-static"
+    if not config.sym:
+        name += "-asym"
+    if config.method == "compressed-tensors":
+        name += "-ct"
+    return name

@@ -1,0 +1,97 @@
+"""Calibration for GPTQ (and AWQ): samples from a text, and the block visitor that quantizes each decoder block
+with GPTQ in true-sequential order while the layer-streamed runner holds it.
+
+Samples: ``nsamples`` windows of ``seqlen`` tokens at seeded random offsets in the calibration text (a file, or
+the built-in text), BOS first, run through the checkpoint's own forward (muP scalings, LongRoPE, MLA, MoE
+routing) block by block. For each block the visitor goes stage by stage (``cpmkit.models.stages``: q/k/v, then
+o, then gate/up, then down; MLA's latent projections first; MoE experts per projection): it runs the block over
+every sample with hooks that sum each stage linear's Hessian (a MoE expert's from the tokens routed to it),
+quantizes the stage, and puts the dequantized weights in place, so the next stage sees the inputs the
+quantized ones produce; the block's outputs, computed after all stages, feed the next block.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from cpmkit.checkpoint import Checkpoint
+from cpmkit.models.streamed import BlockPass
+from cpmkit.models.text import load_text
+from cpmkit.models.windows import calibration_windows
+from cpmkit.quant.gptq import GPTQResult, GPTQSpec, Hessian, gptq_quantize
+from cpmkit.quant.groups import GroupQuantized
+from cpmkit.tokenizer import Tokenizer
+
+DEFAULT_NSAMPLES = 128
+DEFAULT_SEQLEN = 512
+SEED = 0
+
+
+def calibration_tokens(ck: Checkpoint, calib: str | Path | None, nsamples: int, seqlen: int) -> torch.Tensor:
+    """``[nsamples, seqlen]`` token ids from ``calib`` (a text file; None: the built-in text)."""
+    tok = Tokenizer(ck.root, ck.config)
+    ids = tok.encode(load_text(calib))
+    return calibration_windows(ids, nsamples, seqlen, tok.special.bos_id if tok.special.add_bos else None, SEED)
+
+
+@dataclass(frozen=True)
+class LayerLog:
+    """One quantized linear, as the log beside the artifact records it."""
+
+    name: str
+    loss: float
+    damp: float
+    seconds: float
+    dead_columns: int
+    tokens: int
+
+    def as_json(self) -> dict[str, object]:
+        return {"name": self.name, "loss": self.loss, "damp": self.damp, "seconds": round(self.seconds, 3),
+                "dead_columns": self.dead_columns, "tokens": self.tokens}
+
+
+class GPTQBlocks:
+    """The block visitor (``StreamedRunner.calibrate``): each block quantized stage by stage; ``on_block(i,
+    results)`` receives block i's quantized linears (names relative to the block) as soon as it is done."""
+
+    def __init__(self, spec: GPTQSpec, stages: list[list[str]],
+                 on_block: Callable[[int, dict[str, GroupQuantized]], None], log: Callable[[str], None]):
+        self.spec, self.stages, self.on_block, self.log = spec, stages, on_block, log
+        self.layers: list[LayerLog] = []
+
+    def visit(self, index: int, block: nn.Module, run: BlockPass) -> None:
+        results: dict[str, GroupQuantized] = {}
+        start = time.perf_counter()
+        for stage in self.stages:
+            hessians = {name: Hessian(block.get_submodule(name).in_features) for name in stage}
+            run({name: h.add for name, h in hessians.items()})
+            for name in stage:
+                module = block.get_submodule(name)
+                full = f"model.layers.{index}.{name}"
+                hessian = hessians[name]
+                if hessian.tokens == 0:  # an expert no calibration token was routed to: plain rounding
+                    self.log(f"{full}: no calibration token reached it; quantized to nearest")
+                    h = torch.eye(module.in_features)
+                else:
+                    h = hessian.value()
+                result = gptq_quantize(module.weight, h, self.spec, full)
+                module.weight = nn.Parameter(result.quantized.dequantize().to(module.weight.device),
+                                             requires_grad=False)
+                results[name] = result.quantized
+                self._record(full, result, hessian.tokens)
+            del hessians
+        self.on_block(index, results)
+        worst = max(self.layers[-len(results):], key=lambda entry: entry.loss)
+        self.log(f"block {index}: {len(results)} linears quantized in {time.perf_counter() - start:.1f} s "
+                 f"(largest loss {worst.loss:.4g}, {worst.name})")
+
+    def _record(self, name: str, result: GPTQResult, tokens: int) -> None:
+        self.layers.append(LayerLog(name, result.loss, result.damp, result.seconds, result.dead_columns, tokens))
+        if result.damp > self.spec.damp:
+            self.log(f"{name}: the Hessian needed damping {result.damp:.2f} (asked {self.spec.damp:.2f})")

@@ -1,0 +1,103 @@
+"""Read a GPTQ or compressed-tensors folder (cpmkit's, AutoGPTQ's, GPTQModel's, llm-compressor's, OpenBMB's
+published ones) into cpmkit's model, read lazily: the model vLLM or transformers would run from it.
+
+Published layouts read: weights in ``model*.safetensors`` or ``gptq_model-<bits>bit-<group>g.safetensors``
+(sharded or not), quantization settings in config.json's ``quantization_config`` or only in
+``quantize_config.json``, ``checkpoint_format`` gptq (zeros stored minus 1) or gptq_v2, act-order weights
+with their ``g_idx``. A linear is quantized exactly when its ``qweight`` (``weight_packed``) is stored;
+everything else keeps its stored dtype. When config.json and quantize_config.json disagree, config.json (what
+vLLM and transformers read) is used and the disagreement is reported (``describe``'s notes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from cpmkit.convert.gptq.weight import CT_ZERO, GPTQWeight, gptq_linear
+from cpmkit.errors import CpmkitError
+from cpmkit.formats.gptq.config import CONFIG, GPTQConfig, read_gptq_config
+from cpmkit.formats.safetensors import StoredTensor, index_folder
+from cpmkit.jsonfile import read_json_object
+from cpmkit.kernels import Backend
+from cpmkit.models import CausalLM, build_model
+from cpmkit.models.causal_lm import default_linear_factory
+from cpmkit.models.source import ModelSource
+from cpmkit.spec import ModelSpec, read_spec
+
+WEIGHT_PATTERNS = ("model*.safetensors", "gptq_model*.safetensors")
+PACKED = {"gptq": "qweight", "compressed-tensors": "weight_packed"}
+
+
+def folder_tensors(folder: Path) -> dict[str, StoredTensor]:
+    return index_folder(folder, WEIGHT_PATTERNS, "a GPTQ model folder")
+
+
+def quantized_modules(config: GPTQConfig, tensors: dict[str, StoredTensor]) -> list[str]:
+    suffix = "." + PACKED[config.method]
+    return sorted(name.removesuffix(suffix) for name in tensors if name.endswith(suffix))
+
+
+def weight_format(config: GPTQConfig, module: str, shape: tuple[int, int],
+                  tensors: dict[str, StoredTensor]) -> GPTQWeight:
+    layout = "gptq" if config.method == "gptq" else "compressed-tensors"
+    return GPTQWeight(config.bits, config.group_size, (int(shape[0]), int(shape[1])), layout, config.v1,
+                      asym=f"{module}.{CT_ZERO}" in tensors)
+
+
+def open_gptq(folder: str | Path, *, dtype: torch.dtype = torch.float32, backend: Backend = Backend.AUTO,
+              cache_dequantized: bool = False) -> ModelSource:
+    folder = Path(folder)
+    config = read_gptq_config(folder)
+    model_config = read_json_object(folder / CONFIG, missing="not found; a GPTQ folder holds the model's config")
+    spec = read_spec(model_config, str(folder / CONFIG))
+    tensors = folder_tensors(folder)
+    shapes = spec.tensor_shapes()
+    formats = {}
+    for module in quantized_modules(config, tensors):
+        shape = shapes.get(f"{module}.weight")
+        if shape is None or len(shape) != 2:
+            raise CpmkitError(f"{folder}: {module} is stored quantized but this {spec.architecture} model has no such "
+                              "linear")
+        formats[module] = weight_format(config, module, shape, tensors)
+    floats = {t.dtype for t in tensors.values() if t.dtype.is_floating_point}
+    weight_dtype = floats.pop() if len(floats) == 1 else torch.float32
+    plain = default_linear_factory(weight_dtype)
+
+    def linear(name: str, in_features: int, out_features: int) -> nn.Module:
+        if name not in formats:
+            return plain(name, in_features, out_features)
+        fmt = formats[name]
+        placeholders = {b: torch.empty(tensors[f"{name}.{b}"].shape, dtype=tensors[f"{name}.{b}"].dtype, device="meta")
+                        for b in fmt.buffer_names if f"{name}.{b}" in tensors}
+        missing = [b for b in fmt.buffer_names if b not in placeholders]
+        if missing:
+            raise CpmkitError(f"{folder}: {name}.{missing[0]} is missing")
+        return gptq_linear(placeholders, fmt, backend=backend, cache_dequantized=cache_dequantized, name=name)
+
+    def build() -> CausalLM:
+        return build_model(spec, linear_factory=linear, dtype=dtype, weight_dtype=weight_dtype)
+
+    _check_names(folder, build().tensor_names(), tensors)
+
+    def read(names: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in names:
+            yield name, tensors[name].read()
+
+    return ModelSource(spec, build, read)
+
+
+def _check_names(folder: Path, names: list[str], tensors: dict[str, StoredTensor]) -> None:
+    extra = sorted(set(tensors) - set(names) - {"lm_head.weight"})
+    if extra:
+        raise CpmkitError(f"{folder}: tensor {extra[0]} has no place in this model ({len(extra)} such tensors)")
+    missing = sorted(set(names) - set(tensors))
+    if missing:
+        raise CpmkitError(f"{folder}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
+
+
+def model_spec(folder: Path) -> ModelSpec:
+    return read_spec(read_json_object(folder / CONFIG), str(folder / CONFIG))
