@@ -28,12 +28,13 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from ggml_reference import ggml_quantize  # noqa: E402  (test helper: ctypes binding to libggml-base)
+
 from cpmkit.convert.gguf.quantize import (  # noqa: E402
     QuantizeWorkers,
     default_workers,
     quantize_tensor,
 )
-from ggml_reference import ggml_quantize  # noqa: E402  (test helper: ctypes binding to libggml-base)
 
 TYPES = ("Q4_K", "Q6_K", "Q8_0", "Q3_K", "Q5_K", "Q2_K")
 

@@ -26,7 +26,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from procmem import run_measured
 from random_checkpoint import write_random_checkpoint
 
@@ -60,6 +59,7 @@ def step_quantize(src: Path, out: Path, file_type: str) -> None:
     import ctypes
 
     import llama_cpp
+
     from cpmkit.convert.gguf.convert import file_type_named
 
     llama_cpp.llama_backend_init()

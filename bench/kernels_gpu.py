@@ -54,10 +54,11 @@ DEFAULT_FORMATS = "Q4_K,Q4_0,Q5_K,Q6_K,Q8_0,TQ2_0,mlx4g64,mlx8g64"
 
 def random_weight(fmt: str, n: int, k: int, device: str):
     """A random, valid packed weight of format ``fmt`` on ``device``."""
+    from gguf import GGMLQuantizationType as QType
+
     from cpmkit.convert.gguf.weight import pack_gguf
     from cpmkit.convert.mlx.weight import pack_mlx
     from cpmkit.formats.gguf.layout import BLOCKS
-    from gguf import GGMLQuantizationType as QType
 
     if fmt in MLX_FORMATS:
         bits, group = MLX_FORMATS[fmt]

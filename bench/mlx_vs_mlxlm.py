@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from cpmkit import checkpoint
 from cpmkit.checkpoint import Checkpoint
 from cpmkit.convert.mlx.convert import plan_jobs

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from cpmkit.formats.safetensors import StreamingWriter
 from cpmkit.spec import read_spec
 from cpmkit.testing import build_checkpoint

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from cpmkit.formats.safetensors import StreamingWriter
 from cpmkit.spec import read_spec
 from cpmkit.testing.fixtures import DATA

@@ -25,10 +25,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from cpmkit.testing import longrope_factors
-
 from procmem import run_measured
 from random_checkpoint import write_random_checkpoint
+
+from cpmkit.testing import longrope_factors
 
 MINICPM4_8B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 2,
                "intermediate_size": 16384, "vocab_size": 73448, "tie_word_embeddings": False,

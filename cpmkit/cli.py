@@ -72,7 +72,7 @@ def _format_options(command: Callable) -> Callable:
         else:
             # each plug-in checks its own choices; the command line offers all of them
             choices = tuple(dict.fromkeys(c for _, o in entries for c in (o.choices or ())))
-            kind = {int: int, float: float, Path: click.Path(dir_okay=False),
+            kind = {int: int, float: float, Path: click.Path(),  # a file or a folder: the plug-in checks
                     str: click.Choice(choices) if choices else str}[option.kind]
             metavar = "REGEX=TYPE" if name == "tensor_type" else None
             decorator = click.option(option.flag, name, type=kind, multiple=option.multiple, help=text,

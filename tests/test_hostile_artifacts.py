@@ -25,7 +25,9 @@ def made(tmp_path_factory):
     ck = Checkpoint.open(ck_dir)
     gguf = FORMATS["gguf"].convert(ck, parse_target("gguf:Q8_0"), root / "m.gguf", ConvertContext())
     mlx = FORMATS["mlx"].convert(ck, parse_target("mlx:8bit-g64"), root / "mlx", ConvertContext())
-    return ck_dir, gguf, mlx
+    gptq = FORMATS["gptq"].convert(ck, parse_target("gptq:8bit-g32", {"nsamples": 4, "seqlen": 32}), root / "gptq",
+                                   ConvertContext())
+    return ck_dir, {"gguf": gguf, "mlx": mlx, "gptq": gptq}
 
 
 def _gguf_truncated(gguf, out):
@@ -107,17 +109,72 @@ def _mlx_extra_tensor(mlx, out):
     return "tensor model.layers.9.mlp.up_proj.weight is not part of this"
 
 
+def _rewrite_tensors(folder, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / "model.safetensors"
+    tensors = load_file(weights)
+    change(tensors)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {name: "model.safetensors" for name in tensors}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _edit_quantization(gptq, out, **changes) -> None:
+    shutil.copytree(gptq, out)
+    for name in ("config.json", "quantize_config.json"):
+        config = json.loads((out / name).read_text())
+        (config.get("quantization_config") or config).update(changes)
+        (out / name).write_text(json.dumps(config))
+
+
+def _gptq_bits_contradict(gptq, out):
+    _edit_quantization(gptq, out, bits=4)
+    return "model.layers.0.self_attn.q_proj: qweight has shape [64, 256], but a 4-bit"
+
+
+def _gptq_group_does_not_divide(gptq, out):
+    _edit_quantization(gptq, out, group_size=48)
+    return "group size 48"
+
+
+def _gptq_scales_missing(gptq, out):
+    shutil.copytree(gptq, out)
+    _rewrite_tensors(out, lambda t: t.pop("model.layers.1.self_attn.o_proj.scales"))
+    return "model.layers.1.self_attn.o_proj.scales is missing"
+
+
+def _gptq_g_idx_out_of_range(gptq, out):
+    shutil.copytree(gptq, out)
+
+    def change(tensors):
+        tensors["model.layers.0.self_attn.q_proj.g_idx"][3] = 1000
+    _rewrite_tensors(out, change)
+    return "model.layers.0.self_attn.q_proj.g_idx"
+
+
+def _gptq_bad_json(gptq, out):
+    shutil.copytree(gptq, out)
+    (out / "config.json").write_text('{"quantization_config": {"bits": 8,')
+    return "config.json"
+
+
 GGUF_CASES = [_gguf_truncated, _gguf_header_only, _gguf_absurd_tensor_count, _gguf_absurd_key_count,
               _gguf_offset_past_end]
 MLX_CASES = [_mlx_bits_contradict, _mlx_group_contradicts, _mlx_no_bits, _mlx_extra_tensor]
+GPTQ_CASES = [_gptq_bits_contradict, _gptq_group_does_not_divide, _gptq_scales_missing, _gptq_g_idx_out_of_range,
+              _gptq_bad_json]
+CASES = {**{f: "gguf" for f in GGUF_CASES}, **{f: "mlx" for f in MLX_CASES}, **{f: "gptq" for f in GPTQ_CASES}}
 
 
-@pytest.mark.parametrize("corrupt", GGUF_CASES + MLX_CASES, ids=lambda f: f.__name__.lstrip("_"))
+@pytest.mark.parametrize("corrupt", list(CASES), ids=lambda f: f.__name__.lstrip("_"))
 @pytest.mark.parametrize("command", ["inspect", "verify"])
 def test_hostile_artifact_is_one_line(made, tmp_path, corrupt, command):
-    ck_dir, gguf, mlx = made
-    out = tmp_path / ("bad.gguf" if corrupt in GGUF_CASES else "bad-mlx")
-    expected = corrupt(gguf if corrupt in GGUF_CASES else mlx, out)
+    ck_dir, artifacts = made
+    fmt = CASES[corrupt]
+    out = tmp_path / ("bad.gguf" if fmt == "gguf" else f"bad-{fmt}")
+    expected = corrupt(artifacts[fmt], out)
     args = ["inspect", str(out)] if command == "inspect" else \
         ["verify", str(out), "--reference", str(ck_dir), "--no-speed", "--ctx", "64", "--chunks", "1",
          "--report", str(tmp_path / "report"), "--cache-dir", str(tmp_path / "cache")]

@@ -8,8 +8,6 @@ the raw config dict, never from our ModelSpec, so a parsing mistake cannot hide 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -19,6 +17,7 @@ from torch import nn
 from cpmkit.errors import CpmkitError
 from cpmkit.models import KVCache, build_model
 from cpmkit.spec import read_spec
+from cpmkit.testing.twins import granite_kwargs, hf_rope_parameters
 
 TOL = 1e-4  # max |delta logits| in float32
 BATCH = 2
@@ -83,12 +82,6 @@ def our_logits(config: dict, weights: dict[str, torch.Tensor], ids: torch.Tensor
         return ours(config, weights)(ids)
 
 
-def hf_rope_parameters(config: dict) -> dict:
-    scaling = dict(config.get("rope_scaling") or {})
-    kind = scaling.pop("rope_type", scaling.pop("type", "default"))
-    return {"rope_type": kind, "rope_theta": config.get("rope_theta", 10000.0), **scaling}
-
-
 def hf_logits(model_cls, hf_config, weights: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
     model = model_cls._from_config(hf_config, attn_implementation="eager", dtype=torch.float32).eval()
     if hf_config.tie_word_embeddings:
@@ -96,19 +89,6 @@ def hf_logits(model_cls, hf_config, weights: dict[str, torch.Tensor], ids: torch
     model.load_state_dict(weights, strict=True)
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False).logits.float()
-
-
-def granite_kwargs(config: dict) -> dict:
-    """MiniCPM's muP expressed in Granite's multipliers, read from the raw config."""
-    hidden, heads, layers = config["hidden_size"], config["num_attention_heads"], config["num_hidden_layers"]
-    return dict(
-        vocab_size=config["vocab_size"], hidden_size=hidden, intermediate_size=config["intermediate_size"],
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=config["num_key_value_heads"],
-        max_position_embeddings=config["max_position_embeddings"], rms_norm_eps=config["rms_norm_eps"],
-        tie_word_embeddings=config.get("tie_word_embeddings", True), rope_parameters=hf_rope_parameters(config),
-        embedding_multiplier=config["scale_emb"], residual_multiplier=config["scale_depth"] / math.sqrt(layers),
-        logits_scaling=hidden / config["dim_model_base"], attention_multiplier=(hidden // heads) ** -0.5,
-    )
 
 
 def granite_logits(config: dict, weights: dict[str, torch.Tensor], ids: torch.Tensor,

@@ -131,3 +131,21 @@ def test_calibration_hooks_see_routed_tokens_and_changes_feed_on(tmp_path):
         return torch.cat(captured)
 
     assert not torch.allclose(inputs_of_block_1(False), inputs_of_block_1(True))
+
+
+def test_a_pass_stops_once_its_hooked_modules_have_their_inputs(tmp_path):
+    ck = Checkpoint.open(build_checkpoint(tmp_path / "m", "minicpm4"))
+    tokens = _tokens(ck.spec.vocab_size, n=3, length=16)
+    calls: list[str] = []
+
+    class QKVOnly:
+        def visit(self, index, block, run):
+            for name in ("self_attn.o_proj", "mlp.down_proj"):
+                block.get_submodule(name).register_forward_pre_hook(lambda m, a, name=name: calls.append(name))
+            run({"self_attn.q_proj": lambda x: calls.append("q"), "self_attn.v_proj": lambda x: calls.append("v")})
+            assert calls == ["q", "v"] * 3  # every sequence reached q and v; nothing after v ran
+            run.advance()
+            assert calls[6:] == ["self_attn.o_proj", "mlp.down_proj"] * 3  # advancing runs the whole block
+            calls.clear()
+
+    StreamedRunner(checkpoint_source(ck)).calibrate(tokens, QKVOnly())

@@ -152,6 +152,7 @@ class FormatPlugin:
     library_name: ClassVar[str | None] = None  # model card library_name
     contract_variant: ClassVar[str]  # a cheap, close-to-lossless variant the contract suite converts
     contract_options: ClassVar[dict[str, Any]] = {}  # ... with these options (small calibration, say)
+    contract_max_kld: ClassVar[float] = 2e-3  # the mean KLD it must stay under on the contract fixture
 
     # ---- options ---------------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from cpmkit.convert.gguf import GGUFFormat
 from cpmkit.convert.gptq import GPTQFormat
+from cpmkit.convert.marlin import MarlinFormat
 from cpmkit.convert.mlx import MLXFormat
 from cpmkit.convert.plugin import FormatPlugin
 from cpmkit.errors import CpmkitError
@@ -14,6 +15,7 @@ FORMATS: dict[str, FormatPlugin] = {p.name: p for p in (
     GGUFFormat(),
     MLXFormat(),
     GPTQFormat(),
+    MarlinFormat(),
 )}
 
 

@@ -29,20 +29,24 @@ def has_tokenizer(source: Path) -> bool:
     return any((source / name).is_file() for name in TOKENIZER_FILES)
 
 
-def copy_source_files(source: Path, folder: Path) -> list[str]:
-    """Copy the tokenizer and generation files that exist in ``source``; returns their names."""
+def copy_source_files(source: Path, folder: Path, *, skip_existing: bool = False) -> list[str]:
+    """Copy the tokenizer and generation files that exist in ``source`` (not over ones ``folder`` has, with
+    ``skip_existing``); returns their names."""
     names = [n for n in COPIED_FILES if (source / n).is_file()]
     names += sorted(p.name for g in COPIED_GLOBS for p in source.glob(g) if p.is_file())
-    for name in names:
-        shutil.copyfile(source / name, folder / name)
-    return names
+    return _copy(source, folder, names, skip_existing)
 
 
-def copy_modeling_files(source: Path, folder: Path) -> list[str]:
+def copy_modeling_files(source: Path, folder: Path, *, skip_existing: bool = False) -> list[str]:
     names = sorted(p.name for g in MODELING_GLOBS for p in source.glob(g) if p.is_file())
-    for name in names:
+    return _copy(source, folder, names, skip_existing)
+
+
+def _copy(source: Path, folder: Path, names: list[str], skip_existing: bool) -> list[str]:
+    copied = [n for n in names if not (skip_existing and (folder / n).exists())]
+    for name in copied:
         shutil.copyfile(source / name, folder / name)
-    return names
+    return copied
 
 
 def card_front_matter(source: Path) -> dict[str, str]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import math
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Protocol
 
@@ -104,12 +105,19 @@ class BlockVisitor(Protocol):
     def visit(self, index: int, block: nn.Module, run: BlockPass) -> None: ...
 
 
+class _PassDone(Exception):
+    """Raised inside a block's forward once every hooked module has seen its input: the rest of the block's
+    computation would only be thrown away."""
+
+
 @dataclass
 class BlockPass:
     """Runs one block over every sequence, with forward pre-hooks on named modules of the block:
     ``hooks[name](x)`` receives each input that module sees (names relative to the block, e.g.
-    ``self_attn.q_proj``, ``mlp.experts.3.w1``). Calling it discards the outputs; :meth:`advance` stores them
-    as the next block's inputs (then the runner does not run the block again)."""
+    ``self_attn.q_proj``, ``mlp.experts.3.w1``). Calling it discards the outputs, and stops each forward as soon
+    as every hooked module has had its input (a pass for q/k/v runs only the input norm); :meth:`advance`
+    runs the whole block and stores its outputs as the next block's inputs (then the runner does not run the
+    block again)."""
 
     block: nn.Module
     store: HiddenStore
@@ -119,17 +127,35 @@ class BlockPass:
     advanced: bool = False
 
     def __call__(self, hooks: dict[str, Callable[[torch.Tensor], None]] | None = None) -> None:
-        self._run(hooks, store=False)
+        hooks = hooks or {}
+        seen: set[str] = set()
+
+        def observe(name: str, fn: Callable[[torch.Tensor], None], x: torch.Tensor) -> None:
+            fn(x)
+            seen.add(name)
+            if len(seen) == len(hooks):
+                raise _PassDone
+
+        with self._hooked({name: lambda x, name=name, fn=fn: observe(name, fn, x) for name, fn in hooks.items()}):
+            with torch.no_grad():
+                for group in _groups(len(self.store), self.batch):
+                    seen.clear()
+                    try:
+                        self.block(torch.cat([self.store.get(i) for i in group]), self.cos, self.sin, None)
+                    except _PassDone:
+                        pass
 
     def advance(self, hooks: dict[str, Callable[[torch.Tensor], None]] | None = None) -> None:
-        self._run(hooks, store=True)
+        with self._hooked(hooks or {}):
+            _run_block(self.block, self.store, self.cos, self.sin, self.batch)
         self.advanced = True
 
-    def _run(self, hooks: dict[str, Callable[[torch.Tensor], None]] | None, store: bool) -> None:
+    @contextmanager
+    def _hooked(self, hooks: dict[str, Callable[[torch.Tensor], None]]) -> Iterator[None]:
         handles = [self.block.get_submodule(name).register_forward_pre_hook(
-            lambda module, args, fn=fn: fn(args[0].detach())) for name, fn in (hooks or {}).items()]
+            lambda module, args, fn=fn: fn(args[0].detach())) for name, fn in hooks.items()]
         try:
-            _run_block(self.block, self.store, self.cos, self.sin, self.batch, store_outputs=store)
+            yield
         finally:
             for h in handles:
                 h.remove()
@@ -235,14 +261,15 @@ def loaded_parts(source: ModelSource, device: torch.device) -> Iterator[tuple[Ca
         model.unload(names)
 
 
-def _run_block(block: nn.Module, store: HiddenStore, cos: torch.Tensor, sin: torch.Tensor, batch: int,
-               store_outputs: bool = True) -> None:
-    """Run the block over every sequence, ``batch`` per forward; its outputs replace the stored hidden states
-    unless ``store_outputs`` is False."""
+def _groups(n: int, batch: int) -> Iterator[range]:
+    for start in range(0, n, batch):
+        yield range(start, min(start + batch, n))
+
+
+def _run_block(block: nn.Module, store: HiddenStore, cos: torch.Tensor, sin: torch.Tensor, batch: int) -> None:
+    """Run the block over every sequence, ``batch`` per forward; its outputs replace the stored hidden states."""
     with torch.no_grad():
-        for start in range(0, len(store), batch):
-            group = range(start, min(start + batch, len(store)))
+        for group in _groups(len(store), batch):
             out = block(torch.cat([store.get(i) for i in group]), cos, sin, None)
-            if store_outputs:
-                for row, i in enumerate(group):
-                    store.put(i, out[row : row + 1])
+            for row, i in enumerate(group):
+                store.put(i, out[row : row + 1])

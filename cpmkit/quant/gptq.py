@@ -112,7 +112,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: GPTQSpec, name: 
     hinv, damp = _inverse_cholesky(h, spec.damp, name)
 
     codes = torch.zeros(n, k, dtype=torch.uint8)
-    losses = torch.zeros(n, dtype=torch.float64)
+    loss = 0.0
     scales: list[torch.Tensor] = []
     zeros: list[torch.Tensor] = []
     scale = zero = None
@@ -120,6 +120,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: GPTQSpec, name: 
         i2 = min(i1 + BLOCK_SIZE, k)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
+        q1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
@@ -131,13 +132,12 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: GPTQSpec, name: 
                 zeros.append(zero)
             x = w1[:, i]
             q = quantize_codes(x, scale, zero, g.maxq)
-            codes[:, col] = q.to(torch.uint8)
-            dequant = scale * (q - zero)
-            d = hinv1[i, i]
-            losses += ((x - dequant) ** 2 / d**2 / 2).double()
-            err = (x - dequant) / d
+            q1[:, i] = q
+            err = (x - scale * (q - zero)) / hinv1[i, i]
             w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = err
+        codes[:, i1:i2] = q1.to(torch.uint8)
+        loss += float(err1.double().pow(2).sum()) / 2  # sum((w - q)^2 / Hinv[k, k]^2) / 2
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
     invperm = torch.argsort(perm)
@@ -148,6 +148,5 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: GPTQSpec, name: 
         g_idx = (torch.arange(k, dtype=torch.int32) // size)[invperm]
     quantized = GroupQuantized(g, codes[:, invperm].contiguous(), torch.stack(scales, dim=1).to(g.scale_dtype),
                                torch.stack(zeros, dim=1).to(torch.uint8), g_idx.contiguous())
-    loss = float(losses.sum())
     return GPTQResult(quantized, loss if math.isfinite(loss) else float("inf"), damp,
                       time.perf_counter() - start, int(dead.sum()))

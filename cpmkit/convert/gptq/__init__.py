@@ -10,6 +10,7 @@ eligibility). The algorithm is ``cpmkit.quant.gptq``; the bit layouts ``cpmkit.f
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ from cpmkit.errors import CpmkitError
 _VARIANT = re.compile(r"(?P<bits>\d+)(?:bit)?(?:-(?:g(?P<group>\d+)|(?P<channel>channel)))?")
 LAYOUTS = ("gptq", "compressed-tensors")
 DEFAULT_GROUP = 128
+CALIBRATION_OPTIONS = ("order", "calib", "calib_dataset", "nsamples", "seqlen", "damp")
+# --order -> (act_order, static_groups) of cpmkit.quant.gptq.GPTQSpec, and the variant's suffix
+ORDERS = {"static": (True, True, ""), "desc": (True, False, "-desc"), "none": (False, False, "-noorder")}
 
 
 class GPTQFormat(FormatPlugin):
@@ -42,12 +46,19 @@ class GPTQFormat(FormatPlugin):
     contract_variant = "8bit-g32"
     contract_options = {"nsamples": 8, "seqlen": 64}
     options = (
-        Option("act_order", bool, "quantize columns in order of decreasing activation (desc_act)"),
-        Option("static_groups", bool, "fix every group's scale before the sweep (keeps g_idx = k // group)"),
+        Option("order", str, "column order: static (the default: most active columns first, inside groups fixed "
+                              "before the sweep, so g_idx stays k // group; llm-compressor's default), desc "
+                              "(AutoGPTQ's desc_act: groups follow the order, g_idx permuted) or none",
+               choices=tuple(ORDERS)),
         Option("asym", bool, "asymmetric (zero point per group; written as gptq_v2)"),
         Option("layout", str, "gptq (AutoGPTQ tensors, the default) or compressed-tensors (llm-compressor)",
                choices=LAYOUTS),
-        Option("calib", Path, "calibration text (UTF-8; default: the built-in text)"),
+        Option("calib", Path, "calibration text (UTF-8; default: 250 kB of Shakespeare, built in; give text "
+                              "like the model's own use)"),
+        Option("calib_dataset", str, "calibrate on a named dataset's train split instead (wikitext2; needs a "
+                                     "network and `datasets`)"),
+        Option("rtn", bool, "round to nearest, no calibration (llm-compressor's QuantizationModifier): fast, "
+                            "and the baseline GPTQ is measured against"),
         Option("nsamples", int, "calibration samples (default 128)"),
         Option("seqlen", int, "tokens per calibration sample (default 512)"),
         Option("damp", float, "Hessian damping to start from, as a fraction of its mean diagonal (default 0.01)"),
@@ -67,10 +78,20 @@ class GPTQFormat(FormatPlugin):
             if key in options and options[key] < 1:
                 raise CpmkitError(f"--{key} must be at least 1, got {options[key]}")
         GPTQSpec(GroupSpec(bits, group, not options.get("asym")), damp=options.get("damp", 0.01))  # raises
+        if options.get("calib") is not None and options.get("calib_dataset") is not None:
+            raise CpmkitError("give either --calib or --calib-dataset, not both")
+        if options.get("order") == "desc" and options.get("layout") == "compressed-tensors":
+            raise CpmkitError("compressed-tensors stores no g_idx (since 0.20): --order desc cannot be written "
+                              "in it; use --order static")
+        calibration = [k for k in CALIBRATION_OPTIONS if k in options]
+        if options.get("rtn") and calibration:
+            raise CpmkitError(f"--rtn calibrates nothing; --{calibration[0].replace('_', '-')} does not apply")
         name = f"{bits}bit-" + ("channel" if group == -1 else f"g{group}")
-        for option, suffix in (("act_order", "actorder"), ("static_groups", "static"), ("asym", "asym")):
-            if options.get(option):
-                name += f"-{suffix}"
+        if options.get("order") == "static":
+            del options["order"]  # the default, spelled out
+        name += "-rtn" if options.get("rtn") else ORDERS[options.get("order", "static")][2]
+        if options.get("asym"):
+            name += "-asym"
         if options.get("layout") == "compressed-tensors":
             name += "-ct"
         elif "layout" in options:
@@ -81,23 +102,30 @@ class GPTQFormat(FormatPlugin):
         return {"gptq": None}
 
     def convert(self, ck, target: Target, out: Path, ctx: ConvertContext) -> Path:
-        from cpmkit.convert.gptq.calibrate import DEFAULT_NSAMPLES, DEFAULT_SEQLEN
+        from cpmkit.convert.gptq.calibrate import (
+            DEFAULT_NSAMPLES,
+            DEFAULT_SEQLEN,
+            Calibration,
+        )
         from cpmkit.convert.gptq.convert import convert_to_gptq
         from cpmkit.quant.gptq import DEFAULT_DAMP, GPTQSpec
         from cpmkit.quant.groups import GroupSpec
 
         o = dict(target.options)
         spec = GPTQSpec(GroupSpec(o["bits"], o["group_size"], not o.get("asym", False)),
-                        act_order=o.get("act_order", False), static_groups=o.get("static_groups", False),
+                        act_order=ORDERS[o.get("order", "static")][0], static_groups=ORDERS[o.get("order", "static")][1],
                         damp=o.get("damp", DEFAULT_DAMP))
-        return convert_to_gptq(ck, out, spec=spec, layout=o.get("layout", "gptq"), calib=o.get("calib"),
-                               nsamples=o.get("nsamples", DEFAULT_NSAMPLES), seqlen=o.get("seqlen", DEFAULT_SEQLEN),
+        calibration = None if o.get("rtn") else Calibration(
+            o.get("calib"), o.get("calib_dataset"), o.get("nsamples", DEFAULT_NSAMPLES),
+            o.get("seqlen", DEFAULT_SEQLEN))
+        return convert_to_gptq(ck, out, spec=spec, layout=o.get("layout", "gptq"), calibration=calibration,
                                device=ctx.device, overwrite=ctx.overwrite, progress=ctx.progress, log=ctx.log)
 
     def detect(self, path: Path) -> bool:
+        from cpmkit.convert.gptq.load import WEIGHT_PATTERNS
         from cpmkit.formats.gptq.config import quantization_config_of
 
-        if not path.is_dir():
+        if not path.is_dir() or not any(f for pattern in WEIGHT_PATTERNS for f in path.glob(pattern)):
             return False
         try:
             return quantization_config_of(path) is not None
@@ -115,7 +143,7 @@ class GPTQFormat(FormatPlugin):
         files |= {p for p in path.iterdir() if p.is_file() and p.name in (*hf.COPIED_FILES, "config.json",
                                                                            "quantize_config.json",
                                                                            "model.safetensors.index.json")}
-        return ArtifactDescription("gptq", variant_of(config), tuple(sorted(files)),
+        return ArtifactDescription("gptq", variant_of(config, path), tuple(sorted(files)),
                                    sum(t.entry.end - t.entry.begin for t in tensors.values()), config.warnings)
 
     def inspect(self, path: Path) -> dict[str, Any]:
@@ -124,38 +152,41 @@ class GPTQFormat(FormatPlugin):
             open_gptq,
             quantized_modules,
         )
-        from cpmkit.convert.gptq.runtimes import cpmcu_reason, vllm_marlin_reason
+        from cpmkit.convert.gptq.runtimes import cpmcu_reason, vllm_kernel
         from cpmkit.formats.gptq.config import quantization_config_of, read_gptq_config
 
         d = self.describe(path)
         config = read_gptq_config(path)
-        spec = open_gptq(path).spec  # checks every tensor against the model
+        source = open_gptq(path)  # checks every tensor's name, shape and dtype against the model
+        spec = source.spec
         shapes = spec.tensor_shapes()
-        modules = quantized_modules(config, folder_tensors(path))
+        tensors = folder_tensors(path)
+        modules = quantized_modules(config, tensors)
+        for _ in source.read([name for name in tensors if name.endswith(".g_idx")]):  # and their group indices
+            pass
         raw = quantization_config_of(path)
-        marlin = vllm_marlin_reason(raw, [shapes[f"{m}.weight"] for m in modules])
+        kernel, refusal = vllm_kernel(raw, [shapes[f"{m}.weight"] for m in modules])
         cpmcu = cpmcu_reason(raw, path)
         return {"format": self.name, "variant": d.variant, "path": str(path), "method": config.method,
                 "bits": config.bits, "group_size": config.group_size, "sym": config.sym, "desc_act": config.desc_act,
                 "checkpoint_format": config.checkpoint_format, "architecture": spec.architecture,
                 "quantized_linears": len(modules), "file_size": d.file_size_bytes,
                 "bits_per_weight": round(d.bits_per_weight(spec.parameter_count()), 4),
-                "vllm_gptq_marlin": {"picked": marlin is None, "reason": marlin},
+                "vllm": {"kernel": kernel, "reason": refusal},
                 "cpmcu_gptq2marlin": {"accepted": cpmcu is None, "reason": cpmcu},
                 "warnings": list(config.warnings)}
 
     def format_inspect(self, info: dict[str, Any]) -> str:
-        def verdict(entry: dict[str, Any], yes: str) -> str:
-            return yes if entry.get("picked", entry.get("accepted")) else f"no: {entry['reason']}"
-
+        layout = (f"checkpoint_format {info['checkpoint_format']}, desc_act {info['desc_act']}"
+                  if info["method"] == "gptq" else "pack-quantized")
+        vllm, cpmcu = info["vllm"], info["cpmcu_gptq2marlin"]
         lines = [
             info["path"],
-            f"  format        {info['method']} {info['variant']} ({info['architecture']}), checkpoint_format "
-            f"{info['checkpoint_format']}, desc_act {info['desc_act']}",
+            f"  format        {info['method']} {info['variant']} ({info['architecture']}), {layout}",
             f"  size          {info['file_size'] / 2**20:.2f} MiB, {info['bits_per_weight']} bits per weight, "
             f"{info['quantized_linears']} quantized linears",
-            f"  vLLM          {verdict(info['vllm_gptq_marlin'], 'gptq_marlin (repacked to Marlin at load)')}",
-            f"  CPM.cu        {verdict(info['cpmcu_gptq2marlin'], 'gptq2marlin accepts it')}",
+            f"  vLLM          {vllm['kernel'] or 'refuses it: ' + vllm['reason']}",
+            f"  CPM.cu        {'gptq2marlin accepts it' if cpmcu['accepted'] else 'no: ' + cpmcu['reason']}",
         ]
         return "\n".join(lines + [f"  warning       {w}" for w in info["warnings"]])
 
@@ -166,15 +197,14 @@ class GPTQFormat(FormatPlugin):
                          cache_dequantized=options.cache_dequantized)
 
     def usage(self, target: Target, where: Location, config: dict[str, Any]) -> str:
-        from cpmkit.convert.gptq.runtimes import vllm_marlin_reason
+        from cpmkit.convert.gptq.runtimes import vllm_kernel
 
         repo = where.repo_id
-        quantization = config.get("quantization_config") or {}
-        marlin = "vLLM repacks this to Marlin at load (gptq_marlin)." if quantization and \
-            vllm_marlin_reason(quantization, []) is None else "vLLM runs it with its GPTQ kernels."
+        kernel, refusal = vllm_kernel(config.get("quantization_config") or {}, [])
+        vllm = f"vLLM loads it with {kernel}." if kernel else f"Current vLLM refuses it ({refusal}); use GPTQModel."
         return f"""## Run it
 
-[vLLM](https://github.com/vllm-project/vllm) ({marlin}) and [SGLang](https://github.com/sgl-project/sglang):
+[vLLM](https://github.com/vllm-project/vllm) ({vllm}) and [SGLang](https://github.com/sgl-project/sglang):
 
 ```bash
 vllm serve {repo}
@@ -196,13 +226,21 @@ model = GPTQModel.load("{repo}")
 """
 
 
-def variant_of(config) -> str:
-    """The variant name of a GPTQ folder, as ``parse_variant`` names targets."""
+def variant_of(config, folder: Path) -> str:
+    """The variant name of a GPTQ folder, as ``parse_variant`` names targets (``-rtn`` from cpmkit's log)."""
+    from cpmkit.convert.gptq.convert import LOG_NAME
+
     name = f"{config.bits}bit-" + ("channel" if config.group_size == -1 else f"g{config.group_size}")
-    if config.desc_act:
-        name += "-actorder"
-    if config.static_groups:
-        name += "-static"
+    try:
+        rtn = json.loads((folder / LOG_NAME).read_text()).get("method") == "rtn"
+    except (OSError, ValueError, AttributeError):
+        rtn = False
+    if rtn:
+        name += "-rtn"
+    elif config.desc_act:
+        name += "-desc"
+    elif not config.static_groups:
+        name += "-noorder"
     if not config.sym:
         name += "-asym"
     if config.method == "compressed-tensors":

@@ -2,12 +2,13 @@
 with GPTQ in true-sequential order while the layer-streamed runner holds it.
 
 Samples: ``nsamples`` windows of ``seqlen`` tokens at seeded random offsets in the calibration text (a file, or
-the built-in text), BOS first, run through the checkpoint's own forward (muP scalings, LongRoPE, MLA, MoE
-routing) block by block. For each block the visitor goes stage by stage (``cpmkit.models.stages``: q/k/v, then
-o, then gate/up, then down; MLA's latent projections first; MoE experts per projection): it runs the block over
-every sample with hooks that sum each stage linear's Hessian (a MoE expert's from the tokens routed to it),
-quantizes the stage, and puts the dequantized weights in place, so the next stage sees the inputs the
-quantized ones produce; the block's outputs, computed after all stages, feed the next block.
+the built-in calibration text), BOS first, run through the checkpoint's own forward (muP scalings, LongRoPE,
+MLA, MoE routing) block by block, up to ``FORWARD_TOKENS`` tokens to a forward. For each block the visitor goes
+stage by stage (``cpmkit.models.stages``: q/k/v, then o, then gate/up, then down; MLA's latent projections
+first; MoE experts per projection): it runs the block over every sample with hooks that sum each stage
+linear's Hessian (a MoE expert's from the tokens routed to it; each forward stops once the stage's linears have
+their inputs), quantizes the stage, and puts the dequantized weights in place, so the next stage sees the
+inputs the quantized ones produce; the block's outputs, computed after all stages, feed the next block.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 
 from cpmkit.checkpoint import Checkpoint
 from cpmkit.models.streamed import BlockPass
-from cpmkit.models.text import load_text
+from cpmkit.models.text import calibration_text
 from cpmkit.models.windows import calibration_windows
 from cpmkit.quant.gptq import GPTQResult, GPTQSpec, Hessian, gptq_quantize
 from cpmkit.quant.groups import GroupQuantized
@@ -31,13 +32,33 @@ from cpmkit.tokenizer import Tokenizer
 DEFAULT_NSAMPLES = 128
 DEFAULT_SEQLEN = 512
 SEED = 0
+FORWARD_TOKENS = 4096  # calibration tokens per block forward: whole samples, batched up to this many
 
 
-def calibration_tokens(ck: Checkpoint, calib: str | Path | None, nsamples: int, seqlen: int) -> torch.Tensor:
-    """``[nsamples, seqlen]`` token ids from ``calib`` (a text file; None: the built-in text)."""
-    tok = Tokenizer(ck.root, ck.config)
-    ids = tok.encode(load_text(calib))
-    return calibration_windows(ids, nsamples, seqlen, tok.special.bos_id if tok.special.add_bos else None, SEED)
+def forward_batch(seqlen: int) -> int:
+    return max(1, FORWARD_TOKENS // seqlen)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where the samples come from: a text file, a named dataset's train split, or (both None) the built-in
+    calibration text; ``nsamples`` windows of ``seqlen`` tokens."""
+
+    text: str | Path | None = None
+    dataset: str | None = None
+    nsamples: int = DEFAULT_NSAMPLES
+    seqlen: int = DEFAULT_SEQLEN
+
+    @property
+    def source(self) -> str:
+        return f"dataset:{self.dataset}" if self.dataset else str(self.text or "builtin")
+
+    def tokens(self, ck: Checkpoint) -> torch.Tensor:
+        """``[nsamples, seqlen]`` token ids, BOS first when the tokenizer adds one."""
+        tok = Tokenizer(ck.root, ck.config)
+        ids = tok.encode(calibration_text(self.text, self.dataset))
+        bos = tok.special.bos_id if tok.special.add_bos else None
+        return calibration_windows(ids, self.nsamples, self.seqlen, bos, SEED)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import time
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -28,20 +28,25 @@ import torch
 from cpmkit import __version__
 from cpmkit.atomic import atomic_dir
 from cpmkit.checkpoint import Checkpoint
-from cpmkit.convert.gptq.calibrate import GPTQBlocks, calibration_tokens
+from cpmkit.convert.gptq.calibrate import Calibration, GPTQBlocks, forward_batch
+from cpmkit.convert.quantized_folder import (
+    CompressedTensorsLayout,
+    GPTQLayout,
+    OnBlock,
+    quantized_tensors,
+    write_blocks,
+)
 from cpmkit.formats import hf_folder as hf
 from cpmkit.formats.gptq.config import (
     QUANTIZE_CONFIG,
     compressed_tensors_config,
     gptq_quantization_config,
 )
-from cpmkit.formats.gptq.pack import pack_qweight, pack_qzeros, pack_rows
-from cpmkit.formats.safetensors import ShardedWriter, TensorSlot
 from cpmkit.models.reference import checkpoint_source
 from cpmkit.models.stages import quantization_stages
 from cpmkit.models.streamed import StreamedRunner
 from cpmkit.quant.gptq import GPTQSpec
-from cpmkit.quant.groups import GroupQuantized
+from cpmkit.quant.groups import round_to_nearest
 
 LOG_NAME = "quant_log.json"
 METADATA = {"format": "pt"}
@@ -49,94 +54,61 @@ LAYOUTS = ("gptq", "compressed-tensors")
 DROPPED_CONFIG_KEYS = ("quantization_config", "compression_config")
 
 
-def quantized_tensors(ck: Checkpoint) -> dict[str, str]:
-    """Checkpoint weight name -> its linear's name relative to the block, for every linear GPTQ quantizes."""
-    stages = quantization_stages(ck.spec)
-    return {f"model.layers.{i}.{name}.weight": name for i in range(ck.spec.num_layers)
-            for stage in stages for name in stage}
-
-
-def _slots(name: str, shape: tuple[int, ...], spec: GPTQSpec, layout: str, scale_dtype: torch.dtype) -> list[TensorSlot]:
-    n, k = shape
-    g, bits = spec.group, spec.group.bits
-    groups = k // g.group(k)
-    module = name.removesuffix(".weight")
-    if layout == "gptq":
-        return [TensorSlot(f"{module}.qweight", torch.int32, (k * bits // 32, n), n * k),
-                TensorSlot(f"{module}.qzeros", torch.int32, (groups, n * bits // 32), 0),
-                TensorSlot(f"{module}.scales", torch.float16, (groups, n), 0),
-                TensorSlot(f"{module}.g_idx", torch.int32, (k,), 0)]
-    slots = [TensorSlot(f"{module}.weight_packed", torch.int32, (n, k * bits // 32), n * k),
-             TensorSlot(f"{module}.weight_scale", scale_dtype, (n, groups), 0)]
-    if not g.sym:
-        slots.append(TensorSlot(f"{module}.weight_zero_point", torch.int32, (n * bits // 32, groups), 0))
-    return slots + [TensorSlot(f"{module}.weight_shape", torch.int64, (2,), 0)]
-
-
-def _packed(q: GroupQuantized, layout: str) -> list[torch.Tensor]:
-    """The tensors of one quantized linear, in ``_slots`` order."""
-    bits = q.spec.bits
-    if layout == "gptq":
-        return [pack_qweight(q.codes, bits), pack_qzeros(q.zeros, bits, v1=q.spec.sym),
-                q.scales.T.contiguous().to(torch.float16), q.g_idx.to(torch.int32)]
-    tensors = [pack_qweight(q.codes, bits).T.contiguous(), q.scales.contiguous()]
-    if not q.spec.sym:
-        tensors.append(pack_rows(q.zeros.contiguous(), bits))
-    return tensors + [torch.tensor(list(q.codes.shape), dtype=torch.int64)]
-
-
-def convert_to_gptq(ck: Checkpoint, out: Path, *, spec: GPTQSpec, layout: str, calib: str | None, nsamples: int,
-                    seqlen: int, device: str = "cpu", overwrite: bool = False,
+def convert_to_gptq(ck: Checkpoint, out: Path, *, spec: GPTQSpec, layout: str, calibration: Calibration | None,
+                    device: str = "cpu", overwrite: bool = False,
                     progress: Callable[[Iterable], Iterable] = iter,
                     log: Callable[[str], None] = lambda line: None) -> Path:
-    """Calibrate ``ck`` on ``nsamples`` x ``seqlen`` tokens of ``calib`` (None: the built-in text), quantize
-    every block linear with GPTQ ``spec``, and write the folder ``out`` in ``layout``."""
+    """Quantize every block linear of ``ck`` with GPTQ ``spec``, calibrated on ``calibration`` (None: round to
+    nearest, no calibration), and write the folder ``out`` in ``layout``."""
     quantized = quantized_tensors(ck)
     for name in quantized:
         spec.group.check(ck.tensors[name].shape, name)
-    tokens = calibration_tokens(ck, calib, nsamples, seqlen)
+    tokens = calibration.tokens(ck) if calibration is not None else None
     scale_dtype = torch.float16 if layout == "gptq" else ck.tensors["model.embed_tokens.weight"].dtype
     spec = dataclasses.replace(spec, group=dataclasses.replace(spec.group, scale_dtype=scale_dtype))
-    slots = [slot for name, ref in ck.tensors.items() for slot in
-             (_slots(name, ref.shape, spec, layout, scale_dtype) if name in quantized
-              else [TensorSlot(name, ref.dtype, ref.shape, math.prod(ref.shape))])]
-    order = list(ck.tensors)
+    if layout == "gptq":
+        tensor_layout = GPTQLayout(spec.group.bits, spec.group.group_size)
+    else:
+        tensor_layout = CompressedTensorsLayout(spec.group.bits, spec.group.group_size, spec.group.sym, scale_dtype)
+    layers: list[dict[str, object]] = []
+
+    def quantize(on_block: OnBlock) -> None:
+        if tokens is None:
+            layers.extend(_round_to_nearest(ck, quantized, spec, on_block, progress))
+            return
+        blocks = GPTQBlocks(spec, quantization_stages(ck.spec), lambda i, q: on_block(i, q, {}), log)
+        runner = StreamedRunner(checkpoint_source(ck), device, progress=progress,
+                                batch=forward_batch(calibration.seqlen))
+        runner.calibrate(tokens, blocks)
+        layers.extend(entry.as_json() for entry in blocks.layers)
+
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        with ShardedWriter(tmp, slots, METADATA) as writer:
-            written = 0
-
-            def copy_until(stop: int) -> None:
-                nonlocal written
-                for name, tensor in ck.stream(order[written:stop]):
-                    writer.write(name, tensor)
-                written = stop
-
-            def on_block(index: int, results: dict[str, GroupQuantized]) -> None:
-                nonlocal written
-                prefix = f"model.layers.{index}."
-                layer = [n for n in order if n.startswith(prefix)]
-                copy_until(order.index(layer[0]))
-                for name in layer:
-                    if name in quantized:
-                        slot_names = [s.name for s in _slots(name, ck.tensors[name].shape, spec, layout, scale_dtype)]
-                        for slot, tensor in zip(slot_names, _packed(results[quantized[name]], layout)):
-                            writer.write(slot, tensor)
-                    else:
-                        writer.write(*next(ck.stream([name])))
-                written = order.index(layer[-1]) + 1
-
-            blocks = GPTQBlocks(spec, quantization_stages(ck.spec), on_block, log)
-            runner = StreamedRunner(checkpoint_source(ck), device, progress=progress)
-            runner.calibrate(tokens, blocks)
-            copy_until(len(order))
+        write_blocks(ck, tmp, tensor_layout, METADATA, quantize)
         _write_config(ck, tmp, spec, layout)
         hf.copy_source_files(ck.root, tmp)
         hf.copy_modeling_files(ck.root, tmp)
-        log_data = {"quantizer": f"cpmkit {__version__}", "calibration": {"samples": nsamples, "seqlen": seqlen,
-                                                                          "text": str(calib or "builtin")},
-                    "layers": [entry.as_json() for entry in blocks.layers]}
+        method = "rtn" if calibration is None else "gptq"
+        log_data = {"quantizer": f"cpmkit {__version__}", "method": method,
+                    "calibration": None if calibration is None else {
+                        "samples": calibration.nsamples, "seqlen": calibration.seqlen, "text": calibration.source},
+                    "layers": layers}
         (tmp / LOG_NAME).write_text(json.dumps(log_data, indent=2) + "\n")
     return out
+
+
+def _round_to_nearest(ck: Checkpoint, quantized: dict[str, str], spec: GPTQSpec, on_block: OnBlock,
+                      progress: Callable[[Iterable], Iterable]) -> list[dict[str, object]]:
+    """Every block's linears rounded to nearest, one block read at a time; the log's per-linear entries."""
+    layers = []
+    for index in progress(range(ck.spec.num_layers)):
+        names = [n for n in quantized if n.startswith(f"model.layers.{index}.")]
+        results = {}
+        for name, weight in ck.stream(names):
+            start = time.perf_counter()
+            results[quantized[name]] = round_to_nearest(weight, spec.group, name)
+            layers.append({"name": name.removesuffix(".weight"), "seconds": round(time.perf_counter() - start, 3)})
+        on_block(index, results, {})
+    return layers
 
 
 def _write_config(ck: Checkpoint, folder: Path, spec: GPTQSpec, layout: str) -> None:
@@ -148,7 +120,8 @@ def _write_config(ck: Checkpoint, folder: Path, spec: GPTQSpec, layout: str) -> 
                                                 quantizer=f"cpmkit:{__version__}")
         (folder / QUANTIZE_CONFIG).write_text(json.dumps(quantization, indent=2) + "\n")
     else:
-        quantization = compressed_tensors_config(bits=g.bits, group_size=g.group_size, sym=g.sym, ignore=["lm_head"])
+        quantization = compressed_tensors_config(bits=g.bits, group_size=g.group_size, sym=g.sym, ignore=["lm_head"],
+                                                 actorder="static" if spec.act_order and spec.static_groups else None)
     config = {k: v for k, v in ck.config.items() if k not in DROPPED_CONFIG_KEYS}
     config["quantization_config"] = quantization
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")

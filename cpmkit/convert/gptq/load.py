@@ -28,7 +28,8 @@ from cpmkit.models.causal_lm import default_linear_factory
 from cpmkit.models.source import ModelSource
 from cpmkit.spec import ModelSpec, read_spec
 
-WEIGHT_PATTERNS = ("model*.safetensors", "gptq_model*.safetensors")
+# model_gptq.safetensors is CPM.cu's Marlin file (the marlin plug-in's), not GPTQ
+WEIGHT_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "gptq_model*.safetensors")
 PACKED = {"gptq": "qweight", "compressed-tensors": "weight_packed"}
 
 
@@ -76,7 +77,10 @@ def open_gptq(folder: str | Path, *, dtype: torch.dtype = torch.float32, backend
         missing = [b for b in fmt.buffer_names if b not in placeholders]
         if missing:
             raise CpmkitError(f"{folder}: {name}.{missing[0]} is missing")
-        return gptq_linear(placeholders, fmt, backend=backend, cache_dequantized=cache_dequantized, name=name)
+        try:
+            return gptq_linear(placeholders, fmt, backend=backend, cache_dequantized=cache_dequantized, name=name)
+        except CpmkitError as e:
+            raise CpmkitError(f"{folder}: {e}") from None
 
     def build() -> CausalLM:
         return build_model(spec, linear_factory=linear, dtype=dtype, weight_dtype=weight_dtype)
@@ -85,9 +89,21 @@ def open_gptq(folder: str | Path, *, dtype: torch.dtype = torch.float32, backend
 
     def read(names: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
         for name in names:
-            yield name, tensors[name].read()
+            tensor = tensors[name].read()
+            module, _, buffer = name.rpartition(".")
+            if buffer == "g_idx" and module in formats:
+                check_g_idx(folder, name, tensor, formats[module].groups)
+            yield name, tensor
 
     return ModelSource(spec, build, read)
+
+
+def check_g_idx(folder: Path, name: str, g_idx: torch.Tensor, groups: int) -> None:
+    """Every input feature's group must exist: a published file may hold anything."""
+    bad = (g_idx < 0) | (g_idx >= groups)
+    if bad.any():
+        k = int(bad.nonzero()[0, 0])
+        raise CpmkitError(f"{folder}: {name}[{k}] is {int(g_idx[k])}, but the weight has groups 0..{groups - 1}")
 
 
 def _check_names(folder: Path, names: list[str], tensors: dict[str, StoredTensor]) -> None:

@@ -91,6 +91,9 @@ class GPTQWeight:
     def check(self, *buffers_then_name) -> None:
         *buffers, name = buffers_then_name
         n, k = self.shape
+        if self.group_size != -1 and (self.group_size < 1 or k % self.group_size):
+            raise CpmkitError(f"{name}: group size {self.group_size} does not divide its {k} input features; "
+                              "cpmkit, vLLM and the Marlin kernels need whole groups")
         pf = k * self.bits // 32
         if self.layout == "gptq":
             expected = {"qweight": (pf, n), "qzeros": (self.groups, n * self.bits // 32), "scales": (self.groups, n),

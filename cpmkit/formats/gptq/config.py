@@ -61,8 +61,11 @@ def gptq_quantization_config(*, bits: int, group_size: int, sym: bool, desc_act:
                      "true_sequential": True}}
 
 
-def compressed_tensors_config(*, bits: int, group_size: int, sym: bool, ignore: list[str]) -> dict[str, Any]:
-    weights = {"actorder": "static", "block_structure": None, "dynamic": False, "group_size": group_size,
+def compressed_tensors_config(*, bits: int, group_size: int, sym: bool, ignore: list[str],
+                              actorder: str | None) -> dict[str, Any]:
+    """``actorder``: "static" (quantized most-active-first inside fixed groups; the layout does not change) or
+    None."""
+    weights = {"actorder": actorder, "block_structure": None, "dynamic": False, "group_size": group_size,
                "num_bits": bits, "observer": "memoryless_minmax", "observer_kwargs": {}, "scale_dtype": None,
                "strategy": "group" if group_size != -1 else "channel", "symmetric": sym, "type": "int",
                "zp_dtype": None if sym else "torch.int8"}
@@ -127,8 +130,9 @@ def _compressed_tensors(folder: Path, found: dict[str, Any]) -> GPTQConfig:
         raise CpmkitError(f"{folder / CONFIG}: compressed-tensors weights {w.get('type')} {w.get('num_bits')}-bit "
                           f"by {w.get('strategy')}; cpmkit reads int 2/3/4/8-bit by group or channel")
     group = w.get("group_size") if w.get("strategy") == "group" else -1
+    static = w.get("actorder") in ("static", "weight")  # "weight" is the older name of "static"
     return GPTQConfig("compressed-tensors", w["num_bits"], group, bool(w.get("symmetric", True)),
-                      False, False, "gptq_v2")
+                      w.get("actorder") == "group", static, "gptq_v2")
 
 
 def _disagreements(folder: Path) -> tuple[str, ...]:

@@ -1,0 +1,118 @@
+"""A Hugging Face folder of block-quantized linears (GPTQ, AWQ, compressed-tensors), written block by block as a
+quantizer finishes each: every other tensor is copied from the checkpoint in order, so the file is written
+front to back and only the block being quantized is in memory.
+
+A :class:`TensorLayout` says which tensors stand for one quantized linear and how a
+:class:`~cpmkit.quant.groups.GroupQuantized` becomes them (the byte layouts themselves are in
+``cpmkit.formats``). A quantizer calls ``on_block(index, quantized, changed)`` once per block: ``quantized``
+holds the block's quantized linears, ``changed`` any other block tensor it modified (AWQ's scaled norms), both
+by names relative to the block.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from cpmkit.checkpoint import Checkpoint
+from cpmkit.formats.gptq.pack import pack_qweight, pack_qzeros, pack_rows
+from cpmkit.formats.safetensors import ShardedWriter, TensorSlot
+from cpmkit.models.stages import quantized_linears
+from cpmkit.quant.groups import GroupQuantized
+
+OnBlock = Callable[[int, dict[str, GroupQuantized], dict[str, torch.Tensor]], None]
+
+
+class TensorLayout(Protocol):
+    def slots(self, module: str, n: int, k: int) -> list[TensorSlot]: ...
+
+    def tensors(self, q: GroupQuantized) -> list[torch.Tensor]: ...
+
+
+class GPTQLayout:
+    """AutoGPTQ's qweight/qzeros/scales/g_idx; symmetric zeros stored minus 1 (checkpoint_format gptq)."""
+
+    def __init__(self, bits: int, group_size: int):
+        self.bits, self.group_size = bits, group_size
+
+    def slots(self, module: str, n: int, k: int) -> list[TensorSlot]:
+        groups = 1 if self.group_size == -1 else k // self.group_size
+        return [TensorSlot(f"{module}.qweight", torch.int32, (k * self.bits // 32, n), n * k),
+                TensorSlot(f"{module}.qzeros", torch.int32, (groups, n * self.bits // 32), 0),
+                TensorSlot(f"{module}.scales", torch.float16, (groups, n), 0),
+                TensorSlot(f"{module}.g_idx", torch.int32, (k,), 0)]
+
+    def tensors(self, q: GroupQuantized) -> list[torch.Tensor]:
+        bits = q.spec.bits
+        return [pack_qweight(q.codes, bits), pack_qzeros(q.zeros, bits, v1=q.spec.sym),
+                q.scales.T.contiguous().to(torch.float16), q.g_idx.to(torch.int32)]
+
+
+class CompressedTensorsLayout:
+    """llm-compressor's pack-quantized: weight_packed, weight_scale (``scale_dtype``), weight_zero_point when
+    asymmetric, weight_shape."""
+
+    def __init__(self, bits: int, group_size: int, sym: bool, scale_dtype: torch.dtype):
+        self.bits, self.group_size, self.sym, self.scale_dtype = bits, group_size, sym, scale_dtype
+
+    def slots(self, module: str, n: int, k: int) -> list[TensorSlot]:
+        groups = 1 if self.group_size == -1 else k // self.group_size
+        slots = [TensorSlot(f"{module}.weight_packed", torch.int32, (n, k * self.bits // 32), n * k),
+                 TensorSlot(f"{module}.weight_scale", self.scale_dtype, (n, groups), 0)]
+        if not self.sym:
+            slots.append(TensorSlot(f"{module}.weight_zero_point", torch.int32, (n * self.bits // 32, groups), 0))
+        return slots + [TensorSlot(f"{module}.weight_shape", torch.int64, (2,), 0)]
+
+    def tensors(self, q: GroupQuantized) -> list[torch.Tensor]:
+        tensors = [pack_qweight(q.codes, self.bits).T.contiguous(), q.scales.to(self.scale_dtype).contiguous()]
+        if not self.sym:
+            tensors.append(pack_rows(q.zeros.contiguous(), self.bits))
+        return tensors + [torch.tensor(list(q.codes.shape), dtype=torch.int64)]
+
+
+def quantized_tensors(ck: Checkpoint) -> dict[str, str]:
+    """Checkpoint weight name -> its linear's name relative to the block, for every linear that is quantized."""
+    return {f"model.layers.{i}.{name}.weight": name for i in range(ck.spec.num_layers)
+            for name in quantized_linears(ck.spec)}
+
+
+def write_blocks(ck: Checkpoint, folder: Path, layout: TensorLayout, metadata: dict[str, str],
+                 quantize: Callable[[OnBlock], None]) -> None:
+    """Write ``folder``'s weights: ``quantize(on_block)`` runs the quantizer, which hands over each block."""
+    quantized = quantized_tensors(ck)
+    slots = [slot for name, ref in ck.tensors.items() for slot in
+             (layout.slots(name.removesuffix(".weight"), *ref.shape) if name in quantized
+              else [TensorSlot(name, ref.dtype, ref.shape, math.prod(ref.shape))])]
+    order = list(ck.tensors)
+    with ShardedWriter(folder, slots, metadata) as writer:
+        written = 0
+
+        def copy_until(stop: int) -> None:
+            nonlocal written
+            for name, tensor in ck.stream(order[written:stop]):
+                writer.write(name, tensor)
+            written = stop
+
+        def on_block(index: int, results: dict[str, GroupQuantized], changed: dict[str, torch.Tensor]) -> None:
+            nonlocal written
+            prefix = f"model.layers.{index}."
+            layer = [n for n in order if n.startswith(prefix)]
+            copy_until(order.index(layer[0]))
+            for name in layer:
+                local = name.removeprefix(prefix)
+                if name in quantized:
+                    module = name.removesuffix(".weight")
+                    slots = layout.slots(module, *ck.tensors[name].shape)
+                    for slot, tensor in zip(slots, layout.tensors(results[quantized[name]])):
+                        writer.write(slot.name, tensor)
+                elif local in changed:
+                    writer.write(name, changed[local].to(ck.tensors[name].dtype))
+                else:
+                    writer.write(*next(ck.stream([name])))
+            written = order.index(layer[-1]) + 1
+
+        quantize(on_block)
+        copy_until(len(order))
