@@ -1,5 +1,6 @@
-"""A real GPTQ loader on cpmkit's bytes: GPTQModel 7 (in a venv of its own: it wants torch 2.14.1) loads cpmkit's
-GPTQ folders of the demo model and its logits are compared with cpmkit's own forward of the same folder.
+"""A real GPTQ and AWQ loader on cpmkit's bytes: GPTQModel 7 (in a venv of its own: it wants torch 2.14.1) loads
+cpmkit's GPTQ and AWQ folders of the demo model and its weights and logits are compared with cpmkit's own reading
+of the same folder.
 
 GPTQModel has no MiniCPM definition that runs without the checkpoint's remote code, so each folder is handed
 to it as a Granite twin (``cpmkit.testing.twins``: the same tensors, MiniCPM's muP as Granite's multipliers,
@@ -31,7 +32,9 @@ from cpmkit.testing.twins import write_granite_twin
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = [("gptq:4bit-g128", {}), ("gptq:4bit-g128", {"asym": True}), ("gptq:3bit-g128", {}),
-           ("gptq:8bit-g64", {"order": "desc"}), ("gptq:2bit-g64", {"asym": True})]
+           ("gptq:8bit-g64", {"order": "desc"}), ("gptq:2bit-g64", {"asym": True}), ("awq:4bit-g128", {}),
+           ("awq:4bit-g64", {"layout": "gemv"})]
+BACKENDS = {"gptq": "gptq_torch", "awq": "awq_torch"}
 
 
 def twin(folder: Path, out: Path) -> Path:
@@ -40,7 +43,8 @@ def twin(folder: Path, out: Path) -> Path:
     config = json.loads((out / "config.json").read_text())
     config["quantization_config"] = json.loads((folder / "config.json").read_text())["quantization_config"]
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    shutil.copyfile(folder / "quantize_config.json", out / "quantize_config.json")
+    if (folder / "quantize_config.json").is_file():
+        shutil.copyfile(folder / "quantize_config.json", out / "quantize_config.json")
     return out
 
 
@@ -56,14 +60,16 @@ def main() -> None:
     print("| variant | linears | weights: max rel. diff | logits: mean KLD | top-1 agreement |\n|---|---|---|---|---|")
     for text, options in TARGETS:
         target = parse_target(text, {"nsamples": 16, "seqlen": 256, **options})
-        folder = FORMATS["gptq"].convert(ck, target, args.work / target.variant, ConvertContext(overwrite=True))
-        model = FORMATS["gptq"].open(folder, ck.spec, LoadOptions()).load()
+        plugin = FORMATS[target.format]
+        name = f"{target.format}-{target.variant}"
+        folder = plugin.convert(ck, target, args.work / name, ConvertContext(overwrite=True))
+        model = plugin.open(folder, ck.spec, LoadOptions()).load()
         with torch.no_grad():
             ours = model(ids).float()
-        out = args.work / f"{target.variant}-gptqmodel.pt"
+        out = args.work / f"{name}-gptqmodel.pt"
         subprocess.run([args.gptqmodel_python, str(ROOT / "bench" / "gptqmodel_logits.py"),
-                        str(twin(folder, args.work / f"{target.variant}-granite")), str(args.work / "ids.pt"),
-                        str(out)], check=True, stdout=subprocess.DEVNULL, stderr=open(args.work / "gptqmodel.log", "a"))
+                        str(twin(folder, args.work / f"{name}-granite")), str(args.work / "ids.pt"),
+                        str(out), "--backend", BACKENDS[target.format]], check=True, stdout=subprocess.DEVNULL, stderr=open(args.work / "gptqmodel.log", "a"))
         got = torch.load(out, weights_only=True)
         theirs = got["logits"]
         worst = 0.0
@@ -74,7 +80,7 @@ def main() -> None:
         p, q = ours.log_softmax(-1), theirs.log_softmax(-1)
         kld = float((p.exp() * (p - q)).sum(-1).mean())
         top1 = float((ours.argmax(-1) == theirs.argmax(-1)).double().mean())
-        print(f"| {target.variant} | {len(got['weights'])} | {worst:.1e} | {kld:.1e} | {top1:.4f} |", flush=True)
+        print(f"| {target.name} | {len(got['weights'])} | {worst:.1e} | {kld:.1e} | {top1:.4f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -24,17 +24,28 @@ from cpmkit.testing import build_checkpoint
 PLUGINS = list(FORMATS.values())
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return build_checkpoint(tmp_path_factory.mktemp("contract") / "MiniCPM4-0.5B", "minicpm4-0.5b")
+FIXTURE_NAMES = {"minicpm4-0.5b": "MiniCPM4-0.5B", "bitcpm4": "BitCPM4-0.5B"}
 
 
 @pytest.fixture(scope="module")
-def artifacts(checkpoint, tmp_path_factory):
+def checkpoints(tmp_path_factory):
+    """Each plug-in's contract fixture (BitCPM's ternary weights for the ternary pack), built once."""
+    root = tmp_path_factory.mktemp("contract")
+    return {variant: build_checkpoint(root / FIXTURE_NAMES[variant], variant)
+            for variant in sorted({p.contract_checkpoint for p in PLUGINS})}
+
+
+@pytest.fixture
+def checkpoint(plugin, checkpoints):
+    return checkpoints[plugin.contract_checkpoint]
+
+
+@pytest.fixture(scope="module")
+def artifacts(checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("artifacts")
-    ck = Checkpoint.open(checkpoint)
     out = {}
     for plugin in PLUGINS:
+        ck = Checkpoint.open(checkpoints[plugin.contract_checkpoint])
         target = parse_target(f"{plugin.name}:{plugin.contract_variant}", plugin.contract_options)
         out[plugin.name] = (target, plugin.convert(ck, target, root / f"{plugin.name}-out", ConvertContext()))
     return out
@@ -85,7 +96,7 @@ def test_release_round_trip(plugin, checkpoint, tmp_path):
     first = release(checkpoint, tmp_path / "shelf", **options)
     (made,) = first.artifacts
     assert made.status is FolderStatus.BUILT and made.passed
-    assert made.folder.name == plugin.folder_name(parse_target(made.name, plugin.contract_options), "MiniCPM4-0.5B")
+    assert made.folder.name == plugin.folder_name(parse_target(made.name, plugin.contract_options), checkpoint.name)
     manifest = json.loads((tmp_path / "shelf" / MANIFEST).read_text())
     assert [a["name"] for a in manifest["artifacts"]] == [made.name]
     assert artifact_plugin(made.folder / manifest["artifacts"][0]["artifact"]) is plugin

@@ -138,7 +138,7 @@ def test_gptq_beats_round_to_nearest(bits, group, sym):
     spec = GroupSpec(bits, group, sym)
     rtn = _output_error(w, x, round_to_nearest(w, spec))
     for act_order, static in ((False, False), (True, False), (True, True)):
-        result = gptq_quantize(w, h.value(), GPTQSpec(spec, act_order=act_order, static_groups=static))
+        result = gptq_quantize(w, h.value().clone(), GPTQSpec(spec, act_order=act_order, static_groups=static))
         q = result.quantized
         assert _output_error(w, x, q) < 0.6 * rtn, (act_order, static)
         assert q.codes.dtype == torch.uint8 and int(q.codes.max()) <= spec.maxq and q.scales.dtype == torch.float16
@@ -159,8 +159,9 @@ def test_damping_increases_until_cholesky_works_and_dead_columns_are_zero():
     h = Hessian(K)
     h.add(low_rank)  # rank 8 of 256: singular
     value = h.value()
-    value[torch.arange(K), torch.arange(K)] += 1e-9  # not exactly zero on the diagonal, but far from PD
-    result = gptq_quantize(w, h.value(), GPTQSpec(GroupSpec(4, 64), damp=1e-6))
+    live = torch.arange(K) != 5
+    value[live, live] += 1e-9  # not exactly zero on the diagonal (but column 5's), yet far from PD
+    result = gptq_quantize(w, value, GPTQSpec(GroupSpec(4, 64), damp=1e-6))
     assert result.dead_columns == 1 and bool((result.quantized.dequantize()[:, 5] == 0).all())
     with pytest.raises(CpmkitError, match="not positive definite even with damping"):
         gptq_quantize(w, -torch.eye(K), GPTQSpec(GroupSpec(4, 64)), name="model.layers.0.mlp.up_proj")

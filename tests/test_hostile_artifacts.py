@@ -27,7 +27,9 @@ def made(tmp_path_factory):
     mlx = FORMATS["mlx"].convert(ck, parse_target("mlx:8bit-g64"), root / "mlx", ConvertContext())
     gptq = FORMATS["gptq"].convert(ck, parse_target("gptq:8bit-g32", {"nsamples": 4, "seqlen": 32}), root / "gptq",
                                    ConvertContext())
-    return ck_dir, {"gguf": gguf, "mlx": mlx, "gptq": gptq}
+    awq = FORMATS["awq"].convert(ck, parse_target("awq:4bit-g64", {"nsamples": 4, "seqlen": 32}), root / "awq",
+                                 ConvertContext())
+    return ck_dir, {"gguf": gguf, "mlx": mlx, "gptq": gptq, "awq": awq}
 
 
 def _gguf_truncated(gguf, out):
@@ -160,12 +162,36 @@ def _gptq_bad_json(gptq, out):
     return "config.json"
 
 
+def _edit_awq(awq, out, **changes) -> None:
+    shutil.copytree(awq, out)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"].update(changes)
+    (out / "config.json").write_text(json.dumps(config))
+
+
+def _awq_bits(awq, out):
+    _edit_awq(awq, out, bits=8)
+    return "AWQ bits 8; AutoAWQ's layouts are 4-bit"
+
+
+def _awq_group_contradicts(awq, out):
+    _edit_awq(awq, out, group_size=128)
+    return "model.layers.0.mlp.down_proj.qzeros has shape [12, 32], but a gemm 256x768 weight in groups of 128 needs"
+
+
+def _awq_version(awq, out):
+    _edit_awq(awq, out, version="exllama")
+    return "AWQ version 'exllama'"
+
+
 GGUF_CASES = [_gguf_truncated, _gguf_header_only, _gguf_absurd_tensor_count, _gguf_absurd_key_count,
               _gguf_offset_past_end]
 MLX_CASES = [_mlx_bits_contradict, _mlx_group_contradicts, _mlx_no_bits, _mlx_extra_tensor]
 GPTQ_CASES = [_gptq_bits_contradict, _gptq_group_does_not_divide, _gptq_scales_missing, _gptq_g_idx_out_of_range,
               _gptq_bad_json]
-CASES = {**{f: "gguf" for f in GGUF_CASES}, **{f: "mlx" for f in MLX_CASES}, **{f: "gptq" for f in GPTQ_CASES}}
+AWQ_CASES = [_awq_bits, _awq_group_contradicts, _awq_version]
+CASES = {**{f: "gguf" for f in GGUF_CASES}, **{f: "mlx" for f in MLX_CASES}, **{f: "gptq" for f in GPTQ_CASES},
+         **{f: "awq" for f in AWQ_CASES}}
 
 
 @pytest.mark.parametrize("corrupt", list(CASES), ids=lambda f: f.__name__.lstrip("_"))

@@ -62,6 +62,21 @@ def _start(checkpoint: Path, out: Path) -> tuple[subprocess.Popen, list[int]]:
     pytest.fail("the conversion never started its workers")
 
 
+def _running_for(out: Path) -> list[int]:
+    """Every live process whose command line names ``out``: the conversion and any worker it forked, including
+    one forked after the test last looked."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if str(out) in cmdline and _alive(int(entry.name)):
+                found.append(int(entry.name))
+    return found
+
+
 def _gone(pids: list[int]) -> bool:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -78,6 +93,7 @@ def test_sigkill_leaves_no_workers_and_the_next_run_clears_the_partial(checkpoin
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert _gone(workers), f"orphaned quantizer workers {workers} still run after the parent was killed"
+    assert _gone(_running_for(out)), f"processes {_running_for(out)} of the killed conversion still run"
     assert list(tmp_path.glob(".m.gguf.*.partial")), "a SIGKILL cannot clean up; the next run does"
     done = subprocess.run([sys.executable, "-c", "from cpmkit.cli import main; main()", "convert", str(checkpoint),
                            str(out), "--to", "gguf:Q8_0"], capture_output=True, text=True)
@@ -92,5 +108,5 @@ def test_sigterm_cleans_up_like_ctrl_c(checkpoint, tmp_path):
     os.kill(proc.pid, signal.SIGTERM)
     _, stderr = proc.communicate(timeout=WAIT_S)
     assert proc.returncode != 0 and b"Traceback" not in stderr, stderr
-    assert _gone(workers)
+    assert _gone(workers) and _gone(_running_for(out))
     assert list(tmp_path.iterdir()) == []

@@ -153,6 +153,7 @@ class FormatPlugin:
     contract_variant: ClassVar[str]  # a cheap, close-to-lossless variant the contract suite converts
     contract_options: ClassVar[dict[str, Any]] = {}  # ... with these options (small calibration, say)
     contract_max_kld: ClassVar[float] = 2e-3  # the mean KLD it must stay under on the contract fixture
+    contract_checkpoint: ClassVar[str] = "minicpm4-0.5b"  # the cpmkit.testing fixture it converts
 
     # ---- options ---------------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ by names relative to the block.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Callable, Protocol
@@ -18,12 +19,24 @@ from typing import Callable, Protocol
 import torch
 
 from cpmkit.checkpoint import Checkpoint
+from cpmkit.errors import CpmkitError
+from cpmkit.formats import awq
 from cpmkit.formats.gptq.pack import pack_qweight, pack_qzeros, pack_rows
 from cpmkit.formats.safetensors import ShardedWriter, TensorSlot
 from cpmkit.models.stages import quantized_linears
 from cpmkit.quant.groups import GroupQuantized
 
 OnBlock = Callable[[int, dict[str, GroupQuantized], dict[str, torch.Tensor]], None]
+LOG_NAME = "quant_log.json"  # cpmkit's record of how the folder was quantized (method, calibration, per-layer)
+
+
+def logged_method(folder: Path) -> str | None:
+    """The ``method`` cpmkit's log in ``folder`` records (gptq, rtn, awq), or None without one."""
+    try:
+        method = json.loads((folder / LOG_NAME).read_text()).get("method")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return method if isinstance(method, str) else None
 
 
 class TensorLayout(Protocol):
@@ -73,6 +86,35 @@ class CompressedTensorsLayout:
         return tensors + [torch.tensor(list(q.codes.shape), dtype=torch.int64)]
 
 
+class AWQGemmLayout:
+    def __init__(self, group_size: int):
+        self.group_size = group_size
+
+    def slots(self, module: str, n: int, k: int) -> list[TensorSlot]:
+        groups = k // self.group_size
+        return [TensorSlot(f"{module}.qweight", torch.int32, (k, n // 8), n * k),
+                TensorSlot(f"{module}.qzeros", torch.int32, (groups, n // 8), 0),
+                TensorSlot(f"{module}.scales", torch.float16, (groups, n), 0)]
+
+    def tensors(self, q: GroupQuantized) -> list[torch.Tensor]:
+        qweight, qzeros = awq.pack_gemm(q.codes, q.zeros)
+        return [qweight, qzeros, q.scales.T.contiguous().to(torch.float16)]
+
+
+class AWQGemvLayout:
+    def __init__(self, group_size: int):
+        self.group_size = group_size
+
+    def slots(self, module: str, n: int, k: int) -> list[TensorSlot]:
+        width = awq.gemv_zeros_width(k, self.group_size)
+        return [TensorSlot(f"{module}.qweight", torch.int32, (n, k // 8), n * k),
+                TensorSlot(f"{module}.qzeros", torch.int32, (n, width), 0),
+                TensorSlot(f"{module}.scales", torch.float16, (n, 8 * width), 0)]
+
+    def tensors(self, q: GroupQuantized) -> list[torch.Tensor]:
+        return list(awq.pack_gemv(q.codes, q.zeros, q.scales, self.group_size))
+
+
 def quantized_tensors(ck: Checkpoint) -> dict[str, str]:
     """Checkpoint weight name -> its linear's name relative to the block, for every linear that is quantized."""
     return {f"model.layers.{i}.{name}.weight": name for i in range(ck.spec.num_layers)
@@ -116,3 +158,13 @@ def write_blocks(ck: Checkpoint, folder: Path, layout: TensorLayout, metadata: d
 
         quantize(on_block)
         copy_until(len(order))
+
+
+def check_tensor_names(folder: Path, names: list[str], tensors: dict) -> None:
+    """Every tensor the model has is stored, and nothing else (a tied head may be stored or not)."""
+    extra = sorted(set(tensors) - set(names) - {"lm_head.weight"})
+    if extra:
+        raise CpmkitError(f"{folder}: tensor {extra[0]} has no place in this model ({len(extra)} such tensors)")
+    missing = sorted(set(names) - set(tensors))
+    if missing:
+        raise CpmkitError(f"{folder}: tensor {missing[0]} is missing ({len(missing)} missing in all)")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cpmkit.convert.awq import AWQFormat
 from cpmkit.convert.gguf import GGUFFormat
 from cpmkit.convert.gptq import GPTQFormat
 from cpmkit.convert.marlin import MarlinFormat
 from cpmkit.convert.mlx import MLXFormat
 from cpmkit.convert.plugin import FormatPlugin
+from cpmkit.convert.ternary import TernaryFormat
 from cpmkit.errors import CpmkitError
 
 FORMATS: dict[str, FormatPlugin] = {p.name: p for p in (
@@ -16,6 +18,8 @@ FORMATS: dict[str, FormatPlugin] = {p.name: p for p in (
     MLXFormat(),
     GPTQFormat(),
     MarlinFormat(),
+    AWQFormat(),
+    TernaryFormat(),
 )}
 
 

@@ -55,9 +55,9 @@ def unpack_marlin(qweight: torch.Tensor, k: int) -> torch.Tensor:
     rows, cols = qweight.shape
     n = cols // 2
     shifts = torch.arange(0, 32, 4, dtype=torch.int32)
-    nibbles = (qweight.unsqueeze(-1) >> shifts) & 15
+    nibbles = ((qweight.unsqueeze(-1) >> shifts) & 15).to(torch.uint8)
     nibbles = nibbles.reshape(rows, n // 64, 8, 4, 4, 2, 2, 2).permute(_WORD_AXES)
-    return nibbles.reshape(k, n).to(torch.uint8)
+    return nibbles.reshape(k, n)
 
 
 def permute_scales(scales: torch.Tensor) -> torch.Tensor:

@@ -55,8 +55,11 @@ class Hessian:
     def __init__(self, k: int, device: torch.device | str = "cpu"):
         self.sum = torch.zeros(k, k, dtype=torch.float32, device=device)
         self.tokens = 0
+        self._scaled = False
 
     def add(self, x: torch.Tensor) -> None:
+        if self._scaled:
+            raise RuntimeError("Hessian.add after value()")
         rows = x.reshape(-1, x.shape[-1])
         for start in range(0, rows.shape[0], HESSIAN_CHUNK_TOKENS):
             chunk = rows[start : start + HESSIAN_CHUNK_TOKENS].to(self.sum.device, torch.float32)
@@ -64,7 +67,12 @@ class Hessian:
         self.tokens += rows.shape[0]
 
     def value(self) -> torch.Tensor:
-        return self.sum * (2.0 / max(self.tokens, 1))
+        """The Hessian, made from the sum in place (an 8B model's down_proj Hessian is 1 GiB: no second copy);
+        nothing can be added after."""
+        if not self._scaled:
+            self.sum.mul_(2.0 / max(self.tokens, 1))
+            self._scaled = True
+        return self.sum
 
 
 @dataclass(frozen=True)
@@ -80,12 +88,16 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> tuple[torch.Te
     """Upper Cholesky factor of ``(H + d mean(diag H) I)^-1``, with d increased from ``damp`` until it exists."""
     mean_diag = float(torch.diagonal(h).mean())
     d = damp
-    while d < 1:
-        damped = h + torch.eye(h.shape[0], dtype=h.dtype, device=h.device) * (d * mean_diag)
+    while d < 1:  # at most three [K, K] matrices at a time beside h
+        damped = h.clone()
+        damped.diagonal().add_(d * mean_diag)
         factor, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             inverse = torch.cholesky_inverse(factor)
+            del factor
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0 and torch.isfinite(upper).all():
                 return upper, d
         d = round(d + DAMP_STEP, 6)
@@ -94,22 +106,27 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> tuple[torch.Te
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: GPTQSpec, name: str = "weight") -> GPTQResult:
-    """GPTQ of ``w`` [N, K] (any float dtype; computed in float32) given ``hessian`` [K, K]."""
+    """GPTQ of ``w`` [N, K] (any float dtype; computed in float32) given ``hessian`` [K, K] float32, which it
+    consumes (modifies in place)."""
     start = time.perf_counter()
     g = spec.group
     g.check(tuple(w.shape), name)
     n, k = w.shape
     size = g.group(k)
     w = w.detach().to(torch.float32).clone()
-    h = hessian.detach().to(torch.float32).clone()
+    h = hessian.detach().to(torch.float32)  # modified in place: the caller's Hessian is consumed
+    del hessian  # so the act-order permutation below frees the unpermuted copy
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
 
     static = [find_params(w[:, c : c + size], g) for c in range(0, k, size)] if spec.static_groups else None
     perm = torch.argsort(torch.diagonal(h), descending=True) if spec.act_order else torch.arange(k)
-    w, h = w[:, perm], h[perm][:, perm]
+    if spec.act_order:
+        w, h = w[:, perm], h.index_select(0, perm)
+        h = h.index_select(1, perm)
     hinv, damp = _inverse_cholesky(h, spec.damp, name)
+    del h
 
     codes = torch.zeros(n, k, dtype=torch.uint8)
     loss = 0.0

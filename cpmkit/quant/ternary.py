@@ -69,3 +69,45 @@ def _single_magnitude(groups: torch.Tensor) -> bool:
 def coarsest_common(reports: list[TernaryReport]) -> TernaryGranularity:
     """The granularity every tensor satisfies: the finest among their own (finer ones contain coarser)."""
     return max((r.granularity for r in reports), key=_ORDER.index)
+
+
+@dataclass(frozen=True)
+class TernaryWeight:
+    """A linear as ternary codes and scales: ``W = (codes - 1) * scales[:, k // group]``."""
+
+    codes: torch.Tensor  # uint8 [N, K], t + 1
+    scales: torch.Tensor  # [N, K / group], the weight's float dtype
+
+    @property
+    def group_size(self) -> int:
+        return self.codes.shape[1] // self.scales.shape[1]
+
+
+def _grouped(weight: torch.Tensor, group: int | None) -> torch.Tensor:
+    rows, cols = weight.shape
+    return weight.reshape(rows, 1, cols) if group is None else weight.reshape(rows, cols // group, group)
+
+
+def exact_ternary(weight: torch.Tensor, group: int | None) -> TernaryWeight | None:
+    """``weight`` [N, K] as codes and one scale per row (``group`` None) or per ``group`` weights, such that
+    ``(codes - 1) * scale`` gives every value back bit for bit in the weight's dtype (signed zeros aside); None
+    when it does not (magnitudes differing inside a group, even by a rounding step)."""
+    w = _grouped(weight, group)
+    scales = w.abs().amax(dim=2)  # [N, G], the stored dtype: one of the magnitudes itself
+    trits = torch.sign(w).to(torch.int8)
+    if not torch.equal(trits.to(w.dtype) * scales[..., None], w):
+        return None
+    return TernaryWeight((trits + 1).to(torch.uint8).reshape(weight.shape), scales.contiguous())
+
+
+ABSMEAN_EPS = 1e-5
+
+
+def absmean_ternary(weight: torch.Tensor, group: int | None) -> TernaryWeight:
+    """BitNet b1.58's rule per row (``group`` None) or per ``group`` weights: ``s = max(mean|W|, 1e-5)``,
+    ``t = clamp(round(W / s), -1, 1)``, with ``s`` rounded to the weight's dtype first, so the stored pair is
+    what the rounding saw."""
+    w = _grouped(weight, group).float()
+    scales = w.abs().mean(dim=2).clamp_min(ABSMEAN_EPS).to(weight.dtype)
+    trits = (w / scales.float()[..., None]).round().clamp(-1, 1).to(torch.int8)
+    return TernaryWeight((trits + 1).to(torch.uint8).reshape(weight.shape), scales.contiguous())

@@ -16,6 +16,8 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -98,17 +100,30 @@ def _quantize_rows(qtype: QType, rows: np.ndarray, qw: np.ndarray | None, name: 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 KEEP_FREED_BYTES = 1 << 30
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PARENT_POLL_S = 0.5
 
 
 def _die_with_parent(parent: int) -> None:
     """Have the kernel kill this worker when its parent dies (kill -9 included): a worker otherwise waits on
-    its task pipe forever, holding its memory. A parent already gone by now is caught by the pid check."""
+    its task pipe (or blocks writing a result nobody reads) forever, holding its memory. A parent already gone
+    by now is caught by the pid check; where prctl is missing or fails, a thread watches the parent instead."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the pipe's EOF ends the worker when the parent exits
-        pass
+        # prctl is variadic: every argument as the unsigned long the kernel reads, or the upper half of the
+        # register is whatever was there and the kernel refuses the signal number
+        ok = ctypes.CDLL(None, use_errno=True).prctl(ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(signal.SIGKILL),
+                                                     ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)) == 0
+    except (OSError, AttributeError):  # not Linux
+        ok = False
     if os.getppid() != parent:
         os._exit(1)
+    if not ok:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)
 
 
 def _start_worker(parent: int) -> None:

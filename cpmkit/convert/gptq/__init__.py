@@ -10,7 +10,6 @@ eligibility). The algorithm is ``cpmkit.quant.gptq``; the bit layouts ``cpmkit.f
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -123,9 +122,12 @@ class GPTQFormat(FormatPlugin):
 
     def detect(self, path: Path) -> bool:
         from cpmkit.convert.gptq.load import WEIGHT_PATTERNS
+        from cpmkit.convert.quantized_folder import logged_method
         from cpmkit.formats.gptq.config import quantization_config_of
 
         if not path.is_dir() or not any(f for pattern in WEIGHT_PATTERNS for f in path.glob(pattern)):
+            return False
+        if logged_method(path) == "awq":  # compressed-tensors bytes, but an AWQ artifact (the awq plug-in's)
             return False
         try:
             return quantization_config_of(path) is not None
@@ -228,14 +230,10 @@ model = GPTQModel.load("{repo}")
 
 def variant_of(config, folder: Path) -> str:
     """The variant name of a GPTQ folder, as ``parse_variant`` names targets (``-rtn`` from cpmkit's log)."""
-    from cpmkit.convert.gptq.convert import LOG_NAME
+    from cpmkit.convert.quantized_folder import logged_method
 
     name = f"{config.bits}bit-" + ("channel" if config.group_size == -1 else f"g{config.group_size}")
-    try:
-        rtn = json.loads((folder / LOG_NAME).read_text()).get("method") == "rtn"
-    except (OSError, ValueError, AttributeError):
-        rtn = False
-    if rtn:
+    if logged_method(folder) == "rtn":
         name += "-rtn"
     elif config.desc_act:
         name += "-desc"

@@ -95,17 +95,16 @@ class GPTQBlocks:
             for name in stage:
                 module = block.get_submodule(name)
                 full = f"model.layers.{index}.{name}"
-                hessian = hessians[name]
-                if hessian.tokens == 0:  # an expert no calibration token was routed to: plain rounding
+                tokens = hessians[name].tokens
+                if tokens == 0:  # an expert no calibration token was routed to: plain rounding
                     self.log(f"{full}: no calibration token reached it; quantized to nearest")
-                    h = torch.eye(module.in_features)
-                else:
-                    h = hessian.value()
-                result = gptq_quantize(module.weight, h, self.spec, full)
+                    hessians[name].add(torch.eye(module.in_features))
+                # popped and passed without a name: gptq_quantize consumes the Hessian, and frees it as it goes
+                result = gptq_quantize(module.weight, hessians.pop(name).value(), self.spec, full)
                 module.weight = nn.Parameter(result.quantized.dequantize().to(module.weight.device),
                                              requires_grad=False)
                 results[name] = result.quantized
-                self._record(full, result, hessian.tokens)
+                self._record(full, result, tokens)
             del hessians
         self.on_block(index, results)
         worst = max(self.layers[-len(results):], key=lambda entry: entry.loss)

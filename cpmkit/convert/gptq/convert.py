@@ -30,6 +30,7 @@ from cpmkit.atomic import atomic_dir
 from cpmkit.checkpoint import Checkpoint
 from cpmkit.convert.gptq.calibrate import Calibration, GPTQBlocks, forward_batch
 from cpmkit.convert.quantized_folder import (
+    LOG_NAME,
     CompressedTensorsLayout,
     GPTQLayout,
     OnBlock,
@@ -48,7 +49,6 @@ from cpmkit.models.streamed import StreamedRunner
 from cpmkit.quant.gptq import GPTQSpec
 from cpmkit.quant.groups import round_to_nearest
 
-LOG_NAME = "quant_log.json"
 METADATA = {"format": "pt"}
 LAYOUTS = ("gptq", "compressed-tensors")
 DROPPED_CONFIG_KEYS = ("quantization_config", "compression_config")

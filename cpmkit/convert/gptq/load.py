@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from cpmkit.convert.gptq.weight import CT_ZERO, GPTQWeight, gptq_linear
+from cpmkit.convert.quantized_folder import check_tensor_names
 from cpmkit.errors import CpmkitError
 from cpmkit.formats.gptq.config import CONFIG, GPTQConfig, read_gptq_config
 from cpmkit.formats.safetensors import StoredTensor, index_folder
@@ -85,7 +86,7 @@ def open_gptq(folder: str | Path, *, dtype: torch.dtype = torch.float32, backend
     def build() -> CausalLM:
         return build_model(spec, linear_factory=linear, dtype=dtype, weight_dtype=weight_dtype)
 
-    _check_names(folder, build().tensor_names(), tensors)
+    check_tensor_names(folder, build().tensor_names(), tensors)
 
     def read(names: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
         for name in names:
@@ -104,15 +105,6 @@ def check_g_idx(folder: Path, name: str, g_idx: torch.Tensor, groups: int) -> No
     if bad.any():
         k = int(bad.nonzero()[0, 0])
         raise CpmkitError(f"{folder}: {name}[{k}] is {int(g_idx[k])}, but the weight has groups 0..{groups - 1}")
-
-
-def _check_names(folder: Path, names: list[str], tensors: dict[str, StoredTensor]) -> None:
-    extra = sorted(set(tensors) - set(names) - {"lm_head.weight"})
-    if extra:
-        raise CpmkitError(f"{folder}: tensor {extra[0]} has no place in this model ({len(extra)} such tensors)")
-    missing = sorted(set(names) - set(tensors))
-    if missing:
-        raise CpmkitError(f"{folder}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
 
 
 def model_spec(folder: Path) -> ModelSpec:

@@ -21,8 +21,9 @@ import torch
 from cpmkit.atomic import atomic_dir
 from cpmkit.checkpoint import Checkpoint
 from cpmkit.convert.gptq.calibrate import Calibration
-from cpmkit.convert.gptq.convert import LOG_NAME, convert_to_gptq
+from cpmkit.convert.gptq.convert import convert_to_gptq
 from cpmkit.convert.gptq.load import folder_tensors, model_spec
+from cpmkit.convert.quantized_folder import LOG_NAME
 from cpmkit.errors import CpmkitError
 from cpmkit.formats import hf_folder as hf
 from cpmkit.formats import marlin

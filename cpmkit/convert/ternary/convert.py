@@ -1,0 +1,98 @@
+"""Checkpoint in, ternary pack out (``cpmkit.formats.ternary``), streamed one tensor at a time.
+
+Exact (the default): the block linears are read once to find the granularity they all share (per tensor, per
+row, or groups of 128/64/32), then each is packed at it and checked to give its values back bit for bit; a
+linear that is not ternary, or whose magnitudes differ inside a group, is refused by name. Absmean: BitNet
+b1.58's rule makes any checkpoint ternary, per row or per group (lossy, and badly so for a model not trained for
+it). Every other tensor keeps its dtype and bytes; the tokenizer and generation files travel along.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from cpmkit import __version__
+from cpmkit.atomic import atomic_dir
+from cpmkit.checkpoint import Checkpoint
+from cpmkit.convert.quantized_folder import LOG_NAME, quantized_tensors
+from cpmkit.errors import CpmkitError
+from cpmkit.formats import hf_folder as hf
+from cpmkit.formats import ternary
+from cpmkit.formats.safetensors import ShardedWriter, TensorSlot
+from cpmkit.quant.ternary import (
+    TernaryGranularity,
+    absmean_ternary,
+    coarsest_common,
+    detect_ternary,
+    exact_ternary,
+)
+
+METADATA = {"format": "pt"}
+DROPPED_CONFIG_KEYS = ("quantization_config", "compression_config")
+
+
+def shared_granularity(ck: Checkpoint, names: list[str], progress=iter) -> TernaryGranularity:
+    """The granularity every linear in ``names`` is ternary at; one CpmkitError line naming the first that is
+    not ternary."""
+    reports = []
+    for name, tensor in progress(ck.stream(names)):
+        report = detect_ternary(tensor)
+        if report is None:
+            raise CpmkitError(f"{ck.root}: {name} is not ternary (its values are not s x {{-1, 0, +1}} at any "
+                              "granularity); --absmean makes any checkpoint ternary, with a loss")
+        reports.append(report)
+    return coarsest_common(reports)
+
+
+def convert_to_ternary(ck: Checkpoint, out: Path, *, absmean_group: int | None = None, absmean: bool = False,
+                       overwrite: bool = False, progress: Callable[[Iterable], Iterable] = iter,
+                       log: Callable[[str], None] = lambda line: None) -> Path:
+    """Pack ``ck``'s block linears exactly, or with ``absmean`` (per row, or per ``absmean_group``) into ``out``."""
+    quantized = quantized_tensors(ck)
+    names = list(quantized)
+    if absmean:
+        group, granularity = absmean_group, f"absmean-{'row' if absmean_group is None else f'g{absmean_group}'}"
+    else:
+        shared = shared_granularity(ck, names, progress)
+        group, granularity = shared.group_size, shared.value
+        log(f"ternary: every linear is ternary per {shared.value}")
+    for name in names:
+        n, k = ck.tensors[name].shape
+        if k % ternary.CODES_PER_BYTE or (group is not None and k % group):
+            raise CpmkitError(f"{ck.root}: {name} has {k} input features, not a multiple of "
+                              f"{group or ternary.CODES_PER_BYTE}")
+    slots = []
+    for name, ref in ck.tensors.items():
+        if name in quantized:
+            n, k = ref.shape
+            module = name.removesuffix(".weight")
+            slots += [TensorSlot(f"{module}.weight_packed", torch.uint8, (n, k // ternary.CODES_PER_BYTE), n * k),
+                      TensorSlot(f"{module}.weight_scale", ref.dtype, (n, 1 if group is None else k // group), 0)]
+        else:
+            slots.append(TensorSlot(name, ref.dtype, ref.shape, math.prod(ref.shape)))
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        with ShardedWriter(tmp, slots, METADATA) as writer:
+            for name, tensor in progress(ck.stream()):
+                if name not in quantized:
+                    writer.write(name, tensor)
+                    continue
+                packed = absmean_ternary(tensor, group) if absmean else exact_ternary(tensor, group)
+                if packed is None:
+                    raise CpmkitError(f"{ck.root}: {name} is ternary per {granularity} only within bf16 rounding; "
+                                      "its magnitudes differ inside a group, so no pack holds it exactly")
+                module = name.removesuffix(".weight")
+                writer.write(f"{module}.weight_packed", ternary.pack_codes(packed.codes))
+                writer.write(f"{module}.weight_scale", packed.scales)
+        config = {k: v for k, v in ck.config.items() if k not in DROPPED_CONFIG_KEYS}
+        config["quantization_config"] = ternary.ternary_quantization_config(
+            -1 if group is None else group, granularity, "absmean" if absmean else "exact", ["lm_head"])
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        hf.copy_source_files(ck.root, tmp)
+        (tmp / LOG_NAME).write_text(json.dumps({"quantizer": f"cpmkit {__version__}", "method": "ternary",
+                                                "granularity": granularity}, indent=2) + "\n")
+    return out

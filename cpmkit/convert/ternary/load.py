@@ -1,0 +1,88 @@
+"""Read a ternary pack folder into cpmkit's model, lazily: a linear is ternary exactly when its ``weight_packed``
+is stored; everything else keeps its stored dtype."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from cpmkit.convert.quantized_folder import check_tensor_names
+from cpmkit.convert.ternary.weight import TernaryPackWeight
+from cpmkit.errors import CpmkitError
+from cpmkit.formats import ternary
+from cpmkit.formats.safetensors import StoredTensor, index_folder
+from cpmkit.jsonfile import read_json_object
+from cpmkit.kernels import Backend, QuantLinear
+from cpmkit.models import CausalLM, build_model
+from cpmkit.models.causal_lm import default_linear_factory
+from cpmkit.models.source import ModelSource
+from cpmkit.spec import read_spec
+
+CONFIG = "config.json"
+WEIGHT_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors")
+PACKED = ".weight_packed"
+
+
+def ternary_folder_tensors(folder: Path) -> dict[str, StoredTensor]:
+    return index_folder(folder, WEIGHT_PATTERNS, "a ternary pack folder")
+
+
+def read_ternary_config(folder: Path) -> tuple[dict, dict]:
+    """(config.json, its checked quantization_config)."""
+    config = read_json_object(folder / CONFIG, missing="not found; a ternary pack holds the model's config")
+    return config, ternary.read_quantization_config(config, str(folder / CONFIG))
+
+
+def open_ternary(folder: str | Path, *, dtype: torch.dtype = torch.float32, backend: Backend = Backend.AUTO,
+                 cache_dequantized: bool = False) -> ModelSource:
+    folder = Path(folder)
+    config, quantization = read_ternary_config(folder)
+    spec = read_spec(config, str(folder / CONFIG))
+    tensors = ternary_folder_tensors(folder)
+    shapes = spec.tensor_shapes()
+    group = quantization["group_size"]
+    formats = {}
+    for name in tensors:
+        if not name.endswith(PACKED):
+            continue
+        module = name.removesuffix(PACKED)
+        shape = shapes.get(f"{module}.weight")
+        if shape is None or len(shape) != 2:
+            raise CpmkitError(f"{folder}: {module} is stored ternary but this {spec.architecture} model has no such "
+                              "linear")
+        formats[module] = TernaryPackWeight((int(shape[0]), int(shape[1])), group)
+    floats = {t.dtype for n, t in tensors.items() if t.dtype.is_floating_point and not n.endswith(".weight_scale")}
+    weight_dtype = floats.pop() if len(floats) == 1 else torch.float32
+    plain = default_linear_factory(weight_dtype)
+
+    def linear(name: str, in_features: int, out_features: int) -> nn.Module:
+        if name not in formats:
+            return plain(name, in_features, out_features)
+        fmt = formats[name]
+        missing = [b for b in fmt.buffer_names if f"{name}.{b}" not in tensors]
+        if missing:
+            raise CpmkitError(f"{folder}: {name}.{missing[0]} is missing")
+        placeholders = {b: torch.empty(tensors[f"{name}.{b}"].shape, dtype=tensors[f"{name}.{b}"].dtype, device="meta")
+                        for b in fmt.buffer_names}
+        try:
+            return QuantLinear(fmt, placeholders, backend=backend, cache_dequantized=cache_dequantized, name=name)
+        except CpmkitError as e:
+            raise CpmkitError(f"{folder}: {e}") from None
+
+    def build() -> CausalLM:
+        return build_model(spec, linear_factory=linear, dtype=dtype, weight_dtype=weight_dtype)
+
+    check_tensor_names(folder, build().tensor_names(), tensors)
+
+    def read(names: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in names:
+            tensor = tensors[name].read()
+            # a 2-bit field is 3 when both its bits are set
+            if name.endswith(PACKED) and bool((tensor & (tensor >> 1) & 0x55).any()):
+                raise CpmkitError(f"{folder}: {name} holds code 3, which no ternary weight has")
+            yield name, tensor
+
+    return ModelSource(spec, build, read)

@@ -1,0 +1,83 @@
+"""A ternary-pack linear as a ``cpmkit.kernels.QuantLinear`` weight: the stored ``weight_packed`` and
+``weight_scale`` decoded by ``cpmkit.formats.ternary`` on the torch path, repacked for Triton into the kernels'
+affine layout as 2-bit codes with the constant zero 1 and the scale per group (a per-row scale repeated over
+blocks of up to ``CHANNEL_BLOCK`` features, the same values in a layout the kernels tile).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from cpmkit.errors import CpmkitError
+from cpmkit.formats import ternary
+from cpmkit.kernels.layout import (
+    AffineCodes,
+    AffineLayout,
+    PackedWeight,
+    pack_affine,
+    rows_per_chunk,
+)
+
+CHANNEL_BLOCK = 256
+BUFFERS = ("weight_packed", "weight_scale")
+
+
+@dataclass(frozen=True)
+class TernaryPackWeight:
+    shape: tuple[int, int]  # (N, K)
+    group_size: int  # -1: one scale per row
+    buffer_names: tuple[str, ...] = BUFFERS
+
+    @property
+    def label(self) -> str:
+        return f"ternary-g{self.group_size if self.group_size > 0 else 'ch'}"
+
+    @property
+    def groups(self) -> int:
+        return 1 if self.group_size == -1 else self.shape[1] // self.group_size
+
+    def check(self, packed: torch.Tensor, scale: torch.Tensor, name: str) -> None:
+        n, k = self.shape
+        if k % ternary.CODES_PER_BYTE or (self.group_size != -1 and k % self.group_size):
+            raise CpmkitError(f"{name}: {k} input features do not split into groups of {self.group_size} and "
+                              f"bytes of {ternary.CODES_PER_BYTE} codes")
+        for key, tensor, shape in (("weight_packed", packed, (n, k // ternary.CODES_PER_BYTE)),
+                                   ("weight_scale", scale, (n, self.groups))):
+            if tuple(tensor.shape) != shape:
+                raise CpmkitError(f"{name}: {key} has shape {list(tensor.shape)}, but a ternary {n}x{k} weight "
+                                  f"with group size {self.group_size} needs {list(shape)}")
+        if packed.dtype != torch.uint8 or not scale.dtype.is_floating_point:
+            raise CpmkitError(f"{name}: weight_packed must be uint8 and weight_scale a float "
+                              f"(got {packed.dtype} and {scale.dtype})")
+
+    def dequantize(self, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return ternary.dequantize(packed, scale).float()
+
+    def dequantize_rows(self, packed: torch.Tensor, scale: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return self.dequantize(packed[start:stop], scale[start:stop])
+
+    def pack(self, packed: torch.Tensor, scale: torch.Tensor, name: str) -> PackedWeight:
+        n, k = self.shape
+        block = self.group_size
+        if block == -1:
+            block = CHANNEL_BLOCK
+            while k % block:
+                block //= 2
+        size = k if self.group_size == -1 else self.group_size
+        lay = AffineLayout(lo_bits=2, hi_bits=0, zero=1, block=block, sub_block=block, has_m=False)
+
+        def chunks() -> Iterator[tuple[int, AffineCodes]]:
+            step = rows_per_chunk(k)
+            for n0 in range(0, n, step):
+                rows = slice(n0, n0 + step)
+                d = scale[rows].repeat_interleave(size // block, dim=1).contiguous()
+                yield n0, AffineCodes(layout=lay, codes=ternary.unpack_codes(packed[rows]), d=d, m=None,
+                                      sub_d=None, sub_m=None)
+
+        return pack_affine(chunks(), lay, n, k)
+
+    def describe(self) -> str:
+        return f"ternary 2-bit, scale per {'row' if self.group_size == -1 else f'{self.group_size} weights'}"

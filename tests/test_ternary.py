@@ -1,0 +1,158 @@
+"""The ternary pack: bytes, exact round trips of BitCPM-style fixtures at every granularity, refusals, absmean
+PTQ, and the kernel against the format's own dequantization."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cpmkit.checkpoint import Checkpoint
+from cpmkit.cli import cli
+from cpmkit.convert.plugin import ConvertContext, LoadOptions, parse_target
+from cpmkit.convert.registry import FORMATS
+from cpmkit.convert.ternary.weight import TernaryPackWeight
+from cpmkit.errors import CpmkitError
+from cpmkit.formats import ternary
+from cpmkit.formats.safetensors import index_folder
+from cpmkit.kernels import Backend, QuantLinear
+from cpmkit.quant.ternary import absmean_ternary, exact_ternary
+from cpmkit.testing import build_checkpoint
+
+GRANULARITIES = {"tensor": -1, "row": -1, "group128": 128, "group64": 64, "group32": 32}
+
+
+def test_codes_pack_four_per_byte_low_bits_first():
+    codes = torch.tensor([[0, 1, 2, 1, 2, 2, 0, 0]], dtype=torch.uint8)
+    packed = ternary.pack_codes(codes)
+    assert packed.tolist() == [[0b01_10_01_00, 0b00_00_10_10]]
+    assert torch.equal(ternary.unpack_codes(packed), codes)
+    many = torch.randint(0, 3, (7, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ternary.unpack_codes(ternary.pack_codes(many)), many)
+
+
+@pytest.fixture(scope="module", params=list(GRANULARITIES))
+def packed_fixture(request, tmp_path_factory):
+    """A BitCPM-shaped fixture ternary at one granularity, and its pack."""
+    root = tmp_path_factory.mktemp(request.param)
+    source = build_checkpoint(root / "BitCPM4-0.5B", "bitcpm4", ternary=request.param)
+    out = FORMATS["ternary"].convert(Checkpoint.open(source), parse_target("ternary"), root / "pack", ConvertContext())
+    return request.param, source, out
+
+
+def test_every_granularity_round_trips_bit_for_bit(packed_fixture):
+    granularity, source, out = packed_fixture
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["group_size"] == GRANULARITIES[granularity] and config["granularity"] == granularity
+    stored = index_folder(out, ("model.safetensors",), "pack")
+    ck = Checkpoint.open(source)
+    linears = 0
+    for name, tensor in ck.stream():
+        module = name.removesuffix(".weight")
+        if f"{module}.weight_packed" in stored:
+            linears += 1
+            back = ternary.dequantize(stored[f"{module}.weight_packed"].read(), stored[f"{module}.weight_scale"].read())
+            assert back.dtype == tensor.dtype and torch.equal(back, tensor), name
+        else:
+            assert torch.equal(stored[name].read(), tensor), name
+    assert linears == 7 * ck.spec.num_layers
+
+
+def test_pack_size_and_inspect(packed_fixture):
+    _, source, out = packed_fixture
+    plugin = FORMATS["ternary"]
+    info = plugin.inspect(out)
+    assert info["lossless"] and info["variant"] == "2bit"
+    ck = Checkpoint.open(source)
+    linear = sum(t.shape[0] * t.shape[1] for n, t in ck.tensors.items() if n.endswith("proj.weight"))
+    stored = index_folder(out, ("model.safetensors",), "pack")
+    packed = sum(t.entry.end - t.entry.begin for n, t in stored.items() if n.endswith(".weight_packed"))
+    assert packed * 4 == linear  # 2 bits per weight, scales beside
+
+
+def test_loads_as_the_source_model(packed_fixture):
+    from cpmkit.models.reference import load_reference
+
+    _, source, out = packed_fixture
+    ck = Checkpoint.open(source)
+    model = FORMATS["ternary"].open(out, ck.spec, LoadOptions()).load()
+    ids = torch.randint(0, ck.spec.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(ids), load_reference(ck)(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_inexact_magnitudes_are_refused():
+    w = torch.tensor([[0.5, -0.5, 0.0, 0.5]], dtype=torch.bfloat16)
+    assert exact_ternary(w, None) is not None
+    w[0, 3] = 0.50390625  # one bf16 step above: ternary within rounding, not exactly
+    assert exact_ternary(w, None) is None
+    grouped = torch.tensor([[0.5, -0.5, 0.25, 0.0]], dtype=torch.bfloat16)
+    assert exact_ternary(grouped, None) is None and exact_ternary(grouped, 2) is not None
+
+
+def test_non_ternary_checkpoint_is_refused_naming_the_tensor(tmp_path):
+    source = build_checkpoint(tmp_path / "MiniCPM4-0.5B", "minicpm4-0.5b")
+    result = CliRunner().invoke(cli, ["convert", str(source), str(tmp_path / "out"), "--to", "ternary"])
+    assert result.exit_code == 1
+    assert "model.layers.0.self_attn.q_proj.weight is not ternary" in result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_absmean_follows_bitnets_rule_and_warns(tmp_path):
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    q = absmean_ternary(w, 64)
+    groups = w.float().reshape(64, 2, 64)
+    s = groups.abs().mean(-1).to(torch.bfloat16)
+    assert torch.equal(q.scales, s)
+    expected = (groups / s.float()[..., None]).round().clamp(-1, 1).reshape(64, 128)
+    assert torch.equal(q.codes.float() - 1, expected)
+    source = build_checkpoint(tmp_path / "MiniCPM4-0.5B", "minicpm4-0.5b")
+    target = parse_target("ternary:absmean-g64")
+    with pytest.warns(UserWarning, match="loses most of its quality"):
+        out = FORMATS["ternary"].convert(Checkpoint.open(source), target, tmp_path / "pack", ConvertContext())
+    assert FORMATS["ternary"].describe(out).variant == "2bit-absmean-g64"
+    assert not FORMATS["ternary"].inspect(out)["lossless"]
+
+
+@pytest.mark.parametrize("variant, message", [("absmean-g48", "absmean groups are"), ("3bit", "expected 2bit")])
+def test_bad_variants(variant, message):
+    with pytest.raises(CpmkitError, match=message):
+        parse_target(f"ternary:{variant}")
+
+
+def test_hostile_pack_is_one_line(packed_fixture, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, source, out = packed_fixture
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    tensors = load_file(bad / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight_packed"
+    tensors[name] = tensors[name] | 0b11  # code 3 in every byte's first field
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CpmkitError, match=f"{name} holds code 3"):
+        FORMATS["ternary"].open(bad, None, LoadOptions()).load()
+    tensors[name] = tensors[name][:, :-1].contiguous()
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CpmkitError, match="weight_packed has shape"):
+        FORMATS["ternary"].open(bad, None, LoadOptions()).load()
+
+
+@pytest.mark.parametrize("group", [-1, 64, 128])
+def test_kernel_matches_the_format_dequantization(group):
+    n, k = 40, 512
+    gen = torch.Generator().manual_seed(group)
+    codes = torch.randint(0, 3, (n, k), dtype=torch.uint8, generator=gen)
+    scale = (0.02 + 0.06 * torch.rand(n, 1 if group == -1 else k // group, generator=gen)).to(torch.bfloat16)
+    buffers = {"weight_packed": ternary.pack_codes(codes), "weight_scale": scale}
+    fmt = TernaryPackWeight((n, k), group)
+    torch_path = QuantLinear(fmt, buffers, backend=Backend.TORCH)
+    expected_w = (codes.float() - 1) * scale.float().repeat_interleave(k // scale.shape[1], dim=1)
+    assert torch.equal(torch_path.dequantize(), expected_w)
+    x = torch.randn(3, k, generator=gen)
+    got = QuantLinear(fmt, buffers, backend=Backend.TRITON)(x)
+    assert torch.allclose(got, x @ expected_w.T, rtol=1e-4, atol=1e-4)
