@@ -10,6 +10,7 @@ import json
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -294,6 +295,11 @@ def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"  # a user-facing warning, not a pointer into cpmkit's source
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
+    warnings.formatwarning = _one_line_warning
     cli(prog_name="cpmkit")

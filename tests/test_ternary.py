@@ -156,3 +156,50 @@ def test_kernel_matches_the_format_dequantization(group):
     x = torch.randn(3, k, generator=gen)
     got = QuantLinear(fmt, buffers, backend=Backend.TRITON)(x)
     assert torch.allclose(got, x @ expected_w.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("granularity, variant", [("row", "mlx:4bit-g64"), ("group64", "mlx:2bit-g64"),
+                                                  ("group128", "mlx:3bit-g32")])
+def test_mlx_holds_ternary_weights_exactly_read_by_mlx(granularity, variant, tmp_path):
+    import mlx.core as mx
+    import numpy as np
+
+    source = build_checkpoint(tmp_path / "BitCPM4-0.5B", "bitcpm4", ternary=granularity)
+    ck = Checkpoint.open(source)
+    target = parse_target(variant)
+    out = FORMATS["mlx"].convert(ck, target, tmp_path / "mlx", ConvertContext())
+    lossy = FORMATS["mlx"].convert(ck, parse_target(variant, {"no_exact_ternary": True}), tmp_path / "lossy",
+                                   ConvertContext())
+    assert "ternary linears are held exactly" in (out / "README.md").read_text()
+    bits, group = target.option("bits"), target.option("group_size")
+
+    def mlx_weight(folder, module):
+        stored = mx.load(str(folder / "model.safetensors"))
+        w = mx.dequantize(stored[f"{module}.weight"], stored[f"{module}.scales"], stored[f"{module}.biases"],
+                          group_size=group, bits=bits)
+        return torch.from_numpy(np.array(w.astype(mx.float32)))
+
+    for name, tensor in ck.stream(["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"]):
+        module = name.removesuffix(".weight")
+        assert torch.equal(mlx_weight(out, module), tensor.float()), name
+        assert not torch.equal(mlx_weight(lossy, module), tensor.float())
+
+
+@pytest.mark.parametrize("variant, options, exact", [
+    ("gptq:2bit-g64", {"rtn": True}, True),
+    ("gptq:4bit-g64", {"nsamples": 2, "seqlen": 32}, True),
+    ("gptq:2bit-g32", {"rtn": True, "asym": True, "layout": "compressed-tensors"}, True),
+    ("gptq:2bit-g128", {"rtn": True}, False),  # two ternary scales in every group: quantized as usual
+    ("gptq:4bit-g64", {"rtn": True, "no_exact_ternary": True}, False),
+])
+def test_gptq_holds_ternary_weights_exactly(variant, options, exact, tmp_path):
+    source = build_checkpoint(tmp_path / "BitCPM4-0.5B", "bitcpm4", ternary="group64")
+    ck = Checkpoint.open(source)
+    out = FORMATS["gptq"].convert(ck, parse_target(variant, options), tmp_path / "gptq", ConvertContext())
+    info = FORMATS["gptq"].inspect(out)
+    assert info["quantized_linears"] == 7 * ck.spec.num_layers
+    assert info["ternary_exact_linears"] == (info["quantized_linears"] if exact else 0)
+    model = FORMATS["gptq"].open(out, ck.spec, LoadOptions()).load()
+    for name, tensor in ck.stream(["model.layers.0.self_attn.k_proj.weight", "model.layers.1.mlp.gate_proj.weight"]):
+        same = torch.equal(model.get_submodule(name.removesuffix(".weight")).dequantize(), tensor.float())
+        assert same == exact, name

@@ -215,6 +215,14 @@ class FormatPlugin:
         return "."
 
 
+def ternary_exact_reason(ternary: TernaryGranularity | None) -> str | None:
+    """Why a format's ternary-exact encoding (``mlx-ternary``, ``gptq-ternary``) does not apply: only ternary
+    weights have one; with it, any group size no larger than the checkpoint's own scale group is lossless."""
+    if ternary is None:
+        return "lossless only for ternary weights; this checkpoint's linears are not ternary"
+    return None
+
+
 def split_target(text: str) -> tuple[str, str | None]:
     """``FORMAT[:VARIANT]`` -> (format, variant or None)."""
     fmt, sep, variant = text.strip().partition(":")

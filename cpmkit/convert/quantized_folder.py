@@ -168,3 +168,26 @@ def check_tensor_names(folder: Path, names: list[str], tensors: dict) -> None:
     missing = sorted(set(names) - set(tensors))
     if missing:
         raise CpmkitError(f"{folder}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
+
+
+def stored_linear_factory(folder: Path, formats: dict, tensors: dict, plain: Callable, **options) -> Callable:
+    """The model's linear factory for a folder of stored quantized linears: a ``QuantLinear`` of ``formats[name]``
+    over meta placeholders of its stored tensors (``options``: QuantLinear's), ``plain(...)`` for every other
+    linear; a missing or misshapen tensor is one CpmkitError line naming the folder."""
+    from cpmkit.kernels import QuantLinear
+
+    def linear(name: str, in_features: int, out_features: int):
+        if name not in formats:
+            return plain(name, in_features, out_features)
+        fmt = formats[name]
+        missing = [b for b in fmt.buffer_names if f"{name}.{b}" not in tensors]
+        if missing:
+            raise CpmkitError(f"{folder}: {name}.{missing[0]} is missing")
+        placeholders = {b: torch.empty(tensors[f"{name}.{b}"].shape, dtype=tensors[f"{name}.{b}"].dtype, device="meta")
+                        for b in fmt.buffer_names}
+        try:
+            return QuantLinear(fmt, placeholders, name=name, **options)
+        except CpmkitError as e:
+            raise CpmkitError(f"{folder}: {e}") from None
+
+    return linear

@@ -5,7 +5,7 @@ Each row of ``w [..., K]`` is cut into groups of ``group_size`` consecutive elem
 ``code * scale + bias``. The choice of scale and bias follows mlx's CPU kernel
 (``quantize<T, U>`` in ``mlx/backend/cpu/quantized.cpp``), which is not plain min/max: the extreme
 with the larger magnitude becomes the bias (code 0) and the scale is nudged so that 0.0 decodes exactly.
-Packing the codes into uint32 words is a byte layout and lives in ``cpmkit.formats.mlx.pack``.
+Packing the codes into uint32 words is a byte layout and lives in ``formats/mlx/pack.py``.
 """
 
 from __future__ import annotations

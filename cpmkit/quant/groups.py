@@ -6,7 +6,7 @@ and, per output row and group of input columns, a scale and an integer zero poin
     W[n, k] ~= scale[n, g_idx[k]] * (q[n, k] - zero[n, g_idx[k]])
 
 The result, :class:`GroupQuantized`, is format-neutral: GPTQ, compressed-tensors, Marlin and AWQ layouts
-all pack it (``cpmkit.formats``). Scales are rounded to the dtype the format stores them in before codes are
+all pack it (the formats package). Scales are rounded to the dtype the format stores them in before codes are
 chosen, so the codes are exactly those the stored scale decodes best.
 
 The scale and zero of a group follow the GPTQ quantizer (AutoGPTQ / GPTQModel ``Quantizer.find_params``):

@@ -6,7 +6,7 @@ CPU and Metal rounding of E8M0 scales from nearest to up, matching CUDA, so the 
 clips. ``max|w| / 6`` is computed in the input dtype, as in ``fp_quantize`` (mlx/ops.cpp). Each
 element then becomes the E2M1 code whose value is nearest to ``w / 2**e`` (also computed in the input
 dtype), ties going to the lower code index, as the fallback's ``argmin`` over the value table does.
-The codes are packed like 4-bit affine codes (``cpmkit.formats.mlx.pack``).
+The codes are packed like 4-bit affine codes (``formats/mlx/pack.py``).
 
 One deliberate difference: a non-zero group whose scale would need ``e < -127`` (max |w| below about
 1e-38) is stored as a zero group; mlx writes a wrapped-around uint8 exponent there.

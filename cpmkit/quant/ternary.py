@@ -13,6 +13,8 @@ from enum import Enum
 
 import torch
 
+from cpmkit.quant.groups import GroupQuantized, GroupSpec
+
 # |w| values inside a group count as equal within this relative tolerance (bf16 keeps 8 mantissa bits)
 MAGNITUDE_RTOL = 2.0**-8
 
@@ -111,3 +113,21 @@ def absmean_ternary(weight: torch.Tensor, group: int | None) -> TernaryWeight:
     scales = w.abs().mean(dim=2).clamp_min(ABSMEAN_EPS).to(weight.dtype)
     trits = (w / scales.float()[..., None]).round().clamp(-1, 1).to(torch.int8)
     return TernaryWeight((trits + 1).to(torch.uint8).reshape(weight.shape), scales.contiguous())
+
+
+def ternary_as_groups(weight: torch.Tensor, spec: GroupSpec) -> GroupQuantized | None:
+    """``weight`` [N, K] on ``spec``'s grid with no error, when it is ternary with one scale per group of
+    ``spec`` (or coarser): codes ``t + zero`` with the scale as the step, zero ``2**(bits-1)`` when symmetric and
+    1 otherwise. None when it is not ternary so, or a scale is not exact in ``spec.scale_dtype``."""
+    k = weight.shape[1]
+    group = spec.group(k)
+    exact = exact_ternary(weight, group)
+    if exact is None:
+        return None
+    zero = 1 << (spec.bits - 1) if spec.sym else 1
+    codes = exact.codes.to(torch.int16) + (zero - 1)
+    groups = exact.scales.shape[1]
+    q = GroupQuantized(spec, codes.to(torch.uint8), exact.scales.to(spec.scale_dtype),
+                       torch.full((weight.shape[0], groups), zero, dtype=torch.uint8),
+                       (torch.arange(k) // group).to(torch.int32))
+    return q if torch.equal(q.dequantize(), weight.float()) else None

@@ -1,7 +1,7 @@
 """The AWQ block visitor: per decoder block, one pass over the calibration samples captures each scaling
 group's input (the input of the module its loss is measured on: attention, MLP, or the linear), the scales of
 every group are searched on the unmodified block (as AutoAWQ does), then applied (the inverse folded into the
-norm or linear before), the weights clipped, and every linear rounded to the asymmetric group grid. The block
+norm or linear before), the weights clipped (with ``clip``), and every linear rounded to the asymmetric group grid. The block
 then holds the dequantized weights, so the next block sees the quantized block's outputs.
 
 Captured inputs are kept for the search up to ``SEARCH_BYTES`` per group (whole samples; ``x_mean`` always
@@ -84,7 +84,8 @@ class AWQBlocks:
             quantized[name] = q
             module.weight = nn.Parameter(q.dequantize(), requires_grad=False)
         self.on_block(index, quantized, changed)
-        self.log(f"block {index}: {len(quantized)} linears scaled, clipped and quantized in "
+        clipped = "clipped and " if self.spec.clip else ""
+        self.log(f"block {index}: {len(quantized)} linears scaled, {clipped}quantized in "
                  f"{time.perf_counter() - start:.1f} s")
 
     def _search(self, block: nn.Module, group: ScaleGroup, captured: _Inputs, run: BlockPass) -> torch.Tensor:

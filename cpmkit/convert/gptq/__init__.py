@@ -10,6 +10,7 @@ eligibility). The algorithm is ``cpmkit.quant.gptq``; the bit layouts ``cpmkit.f
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from cpmkit.convert.plugin import (
     Location,
     Option,
     Target,
+    ternary_exact_reason,
 )
 from cpmkit.errors import CpmkitError
 
@@ -61,6 +63,8 @@ class GPTQFormat(FormatPlugin):
         Option("nsamples", int, "calibration samples (default 128)"),
         Option("seqlen", int, "tokens per calibration sample (default 512)"),
         Option("damp", float, "Hessian damping to start from, as a fraction of its mean diagonal (default 0.01)"),
+        Option("no_exact_ternary", bool, "quantize ternary (BitCPM) weights like any others; by default a weight "
+                                         "that is ternary with one scale per group is put on the grid exactly"),
     )
 
     def parse_variant(self, variant: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -98,7 +102,7 @@ class GPTQFormat(FormatPlugin):
         return name, {**options, "bits": bits, "group_size": group}
 
     def capabilities(self, spec, ternary):
-        return {"gptq": None}
+        return {"gptq": None, "gptq-ternary": ternary_exact_reason(ternary)}
 
     def convert(self, ck, target: Target, out: Path, ctx: ConvertContext) -> Path:
         from cpmkit.convert.gptq.calibrate import (
@@ -118,7 +122,7 @@ class GPTQFormat(FormatPlugin):
             o.get("calib"), o.get("calib_dataset"), o.get("nsamples", DEFAULT_NSAMPLES),
             o.get("seqlen", DEFAULT_SEQLEN))
         return convert_to_gptq(ck, out, spec=spec, layout=o.get("layout", "gptq"), calibration=calibration,
-                               device=ctx.device, overwrite=ctx.overwrite, progress=ctx.progress, log=ctx.log)
+                               exact_ternary=not o.get("no_exact_ternary", False), device=ctx.device, overwrite=ctx.overwrite, progress=ctx.progress, log=ctx.log)
 
     def detect(self, path: Path) -> bool:
         from cpmkit.convert.gptq.load import WEIGHT_PATTERNS
@@ -172,7 +176,8 @@ class GPTQFormat(FormatPlugin):
         return {"format": self.name, "variant": d.variant, "path": str(path), "method": config.method,
                 "bits": config.bits, "group_size": config.group_size, "sym": config.sym, "desc_act": config.desc_act,
                 "checkpoint_format": config.checkpoint_format, "architecture": spec.architecture,
-                "quantized_linears": len(modules), "file_size": d.file_size_bytes,
+                "quantized_linears": len(modules), "ternary_exact_linears": ternary_exact_count(path),
+                "file_size": d.file_size_bytes,
                 "bits_per_weight": round(d.bits_per_weight(spec.parameter_count()), 4),
                 "vllm": {"kernel": kernel, "reason": refusal},
                 "cpmcu_gptq2marlin": {"accepted": cpmcu is None, "reason": cpmcu},
@@ -187,6 +192,8 @@ class GPTQFormat(FormatPlugin):
             f"  format        {info['method']} {info['variant']} ({info['architecture']}), {layout}",
             f"  size          {info['file_size'] / 2**20:.2f} MiB, {info['bits_per_weight']} bits per weight, "
             f"{info['quantized_linears']} quantized linears",
+            *([f"  ternary       {info['ternary_exact_linears']} ternary linears on the grid exactly (no error)"]
+              if info["ternary_exact_linears"] else []),
             f"  vLLM          {vllm['kernel'] or 'refuses it: ' + vllm['reason']}",
             f"  CPM.cu        {'gptq2marlin accepts it' if cpmcu['accepted'] else 'no: ' + cpmcu['reason']}",
         ]
@@ -244,3 +251,14 @@ def variant_of(config, folder: Path) -> str:
     if config.method == "compressed-tensors":
         name += "-ct"
     return name
+
+
+def ternary_exact_count(folder: Path) -> int:
+    """How many linears cpmkit's log says were ternary and encoded exactly (0 without a log)."""
+    from cpmkit.convert.quantized_folder import LOG_NAME
+
+    try:
+        layers = json.loads((folder / LOG_NAME).read_text()).get("layers", [])
+        return sum(1 for entry in layers if isinstance(entry, dict) and entry.get("method") == "ternary-exact")
+    except (OSError, ValueError, AttributeError):
+        return 0

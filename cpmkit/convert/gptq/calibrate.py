@@ -27,6 +27,7 @@ from cpmkit.models.text import calibration_text
 from cpmkit.models.windows import calibration_windows
 from cpmkit.quant.gptq import GPTQResult, GPTQSpec, Hessian, gptq_quantize
 from cpmkit.quant.groups import GroupQuantized
+from cpmkit.quant.ternary import ternary_as_groups
 from cpmkit.tokenizer import Tokenizer
 
 DEFAULT_NSAMPLES = 128
@@ -71,19 +72,24 @@ class LayerLog:
     seconds: float
     dead_columns: int
     tokens: int
+    method: str = "gptq"  # or "ternary-exact": a ternary weight encoded on the grid with no error
 
     def as_json(self) -> dict[str, object]:
-        return {"name": self.name, "loss": self.loss, "damp": self.damp, "seconds": round(self.seconds, 3),
-                "dead_columns": self.dead_columns, "tokens": self.tokens}
+        return {"name": self.name, "method": self.method, "loss": self.loss, "damp": self.damp,
+                "seconds": round(self.seconds, 3), "dead_columns": self.dead_columns, "tokens": self.tokens}
 
 
 class GPTQBlocks:
     """The block visitor (``StreamedRunner.calibrate``): each block quantized stage by stage; ``on_block(i,
-    results)`` receives block i's quantized linears (names relative to the block) as soon as it is done."""
+    results)`` receives block i's quantized linears (names relative to the block) as soon as it is done. With
+    ``exact_ternary``, a linear that is ternary with one scale per group (BitCPM) is encoded on the grid exactly
+    instead of quantized."""
 
     def __init__(self, spec: GPTQSpec, stages: list[list[str]],
-                 on_block: Callable[[int, dict[str, GroupQuantized]], None], log: Callable[[str], None]):
+                 on_block: Callable[[int, dict[str, GroupQuantized]], None], log: Callable[[str], None],
+                 exact_ternary: bool = True):
         self.spec, self.stages, self.on_block, self.log = spec, stages, on_block, log
+        self.exact_ternary = exact_ternary
         self.layers: list[LayerLog] = []
 
     def visit(self, index: int, block: nn.Module, run: BlockPass) -> None:
@@ -96,6 +102,12 @@ class GPTQBlocks:
                 module = block.get_submodule(name)
                 full = f"model.layers.{index}.{name}"
                 tokens = hessians[name].tokens
+                exact = ternary_as_groups(module.weight, self.spec.group) if self.exact_ternary else None
+                if exact is not None:
+                    del hessians[name]
+                    results[name] = exact
+                    self.layers.append(LayerLog(full, 0.0, 0.0, 0.0, 0, tokens, "ternary-exact"))
+                    continue
                 if tokens == 0:  # an expert no calibration token was routed to: plain rounding
                     self.log(f"{full}: no calibration token reached it; quantized to nearest")
                     hessians[name].add(torch.eye(module.in_features))

@@ -48,6 +48,7 @@ from cpmkit.models.stages import quantization_stages
 from cpmkit.models.streamed import StreamedRunner
 from cpmkit.quant.gptq import GPTQSpec
 from cpmkit.quant.groups import round_to_nearest
+from cpmkit.quant.ternary import ternary_as_groups
 
 METADATA = {"format": "pt"}
 LAYOUTS = ("gptq", "compressed-tensors")
@@ -55,11 +56,12 @@ DROPPED_CONFIG_KEYS = ("quantization_config", "compression_config")
 
 
 def convert_to_gptq(ck: Checkpoint, out: Path, *, spec: GPTQSpec, layout: str, calibration: Calibration | None,
-                    device: str = "cpu", overwrite: bool = False,
+                    exact_ternary: bool = True, device: str = "cpu", overwrite: bool = False,
                     progress: Callable[[Iterable], Iterable] = iter,
                     log: Callable[[str], None] = lambda line: None) -> Path:
     """Quantize every block linear of ``ck`` with GPTQ ``spec``, calibrated on ``calibration`` (None: round to
-    nearest, no calibration), and write the folder ``out`` in ``layout``."""
+    nearest, no calibration), and write the folder ``out`` in ``layout``. With ``exact_ternary``, ternary linears
+    (BitCPM's) are encoded exactly instead (``cpmkit.quant.ternary.ternary_as_groups``)."""
     quantized = quantized_tensors(ck)
     for name in quantized:
         spec.group.check(ck.tensors[name].shape, name)
@@ -74,9 +76,9 @@ def convert_to_gptq(ck: Checkpoint, out: Path, *, spec: GPTQSpec, layout: str, c
 
     def quantize(on_block: OnBlock) -> None:
         if tokens is None:
-            layers.extend(_round_to_nearest(ck, quantized, spec, on_block, progress))
+            layers.extend(_round_to_nearest(ck, quantized, spec, on_block, progress, exact_ternary))
             return
-        blocks = GPTQBlocks(spec, quantization_stages(ck.spec), lambda i, q: on_block(i, q, {}), log)
+        blocks = GPTQBlocks(spec, quantization_stages(ck.spec), lambda i, q: on_block(i, q, {}), log, exact_ternary)
         runner = StreamedRunner(checkpoint_source(ck), device, progress=progress,
                                 batch=forward_batch(calibration.seqlen))
         runner.calibrate(tokens, blocks)
@@ -97,7 +99,7 @@ def convert_to_gptq(ck: Checkpoint, out: Path, *, spec: GPTQSpec, layout: str, c
 
 
 def _round_to_nearest(ck: Checkpoint, quantized: dict[str, str], spec: GPTQSpec, on_block: OnBlock,
-                      progress: Callable[[Iterable], Iterable]) -> list[dict[str, object]]:
+                      progress: Callable[[Iterable], Iterable], exact_ternary: bool) -> list[dict[str, object]]:
     """Every block's linears rounded to nearest, one block read at a time; the log's per-linear entries."""
     layers = []
     for index in progress(range(ck.spec.num_layers)):
@@ -105,8 +107,10 @@ def _round_to_nearest(ck: Checkpoint, quantized: dict[str, str], spec: GPTQSpec,
         results = {}
         for name, weight in ck.stream(names):
             start = time.perf_counter()
-            results[quantized[name]] = round_to_nearest(weight, spec.group, name)
-            layers.append({"name": name.removesuffix(".weight"), "seconds": round(time.perf_counter() - start, 3)})
+            exact = ternary_as_groups(weight, spec.group) if exact_ternary else None
+            results[quantized[name]] = exact if exact is not None else round_to_nearest(weight, spec.group, name)
+            layers.append({"name": name.removesuffix(".weight"), "method": "rtn" if exact is None else "ternary-exact",
+                           "seconds": round(time.perf_counter() - start, 3)})
         on_block(index, results, {})
     return layers
 

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-from torch import nn
 
-from cpmkit.convert.gptq.weight import CT_ZERO, GPTQWeight, gptq_linear
-from cpmkit.convert.quantized_folder import check_tensor_names
+from cpmkit.convert.gptq.weight import CT_ZERO, GPTQWeight
+from cpmkit.convert.quantized_folder import check_tensor_names, stored_linear_factory
 from cpmkit.errors import CpmkitError
 from cpmkit.formats.gptq.config import CONFIG, GPTQConfig, read_gptq_config
 from cpmkit.formats.safetensors import StoredTensor, index_folder
@@ -69,19 +68,8 @@ def open_gptq(folder: str | Path, *, dtype: torch.dtype = torch.float32, backend
     weight_dtype = floats.pop() if len(floats) == 1 else torch.float32
     plain = default_linear_factory(weight_dtype)
 
-    def linear(name: str, in_features: int, out_features: int) -> nn.Module:
-        if name not in formats:
-            return plain(name, in_features, out_features)
-        fmt = formats[name]
-        placeholders = {b: torch.empty(tensors[f"{name}.{b}"].shape, dtype=tensors[f"{name}.{b}"].dtype, device="meta")
-                        for b in fmt.buffer_names if f"{name}.{b}" in tensors}
-        missing = [b for b in fmt.buffer_names if b not in placeholders]
-        if missing:
-            raise CpmkitError(f"{folder}: {name}.{missing[0]} is missing")
-        try:
-            return gptq_linear(placeholders, fmt, backend=backend, cache_dequantized=cache_dequantized, name=name)
-        except CpmkitError as e:
-            raise CpmkitError(f"{folder}: {e}") from None
+    linear = stored_linear_factory(folder, formats, tensors, plain, backend=backend,
+                                   cache_dequantized=cache_dequantized)
 
     def build() -> CausalLM:
         return build_model(spec, linear_factory=linear, dtype=dtype, weight_dtype=weight_dtype)

@@ -21,6 +21,7 @@ from cpmkit.convert.plugin import (
     Location,
     Option,
     Target,
+    ternary_exact_reason,
 )
 from cpmkit.errors import CpmkitError
 
@@ -42,6 +43,8 @@ class MLXFormat(FormatPlugin):
     options = (
         Option("dtype", str, "dtype of the float tensors and scales (default: the checkpoint's)", choices=DTYPES),
         Option("no_tokenizer", bool, "write the folder even though the checkpoint has no tokenizer files"),
+        Option("no_exact_ternary", bool, "quantize ternary (BitCPM) weights like any others; by default a weight "
+                                         "that is ternary with one scale per group is held exactly"),
     )
 
     def parse_variant(self, variant: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -69,7 +72,8 @@ class MLXFormat(FormatPlugin):
     def capabilities(self, spec, ternary):
         from cpmkit.convert.mlx.capability import mlx_reason
 
-        return {"mlx": mlx_reason(spec)}
+        reason = mlx_reason(spec)
+        return {"mlx": reason, "mlx-ternary": reason or ternary_exact_reason(ternary)}
 
     def convert(self, ck, target: Target, out: Path, ctx: ConvertContext) -> Path:
         from cpmkit.convert.mlx.convert import convert_to_mlx
@@ -77,7 +81,8 @@ class MLXFormat(FormatPlugin):
         o = dict(target.options)
         return convert_to_mlx(ck, out, bits=o.get("bits", 4), group_size=o.get("group_size", DEFAULT_GROUP),
                               recipe=o.get("recipe"), dtype=o.get("dtype"), quantize=o.get("quantize", True),
-                              overwrite=ctx.overwrite, progress=ctx.progress, tokenizer=not o.get("no_tokenizer"))
+                              overwrite=ctx.overwrite, progress=ctx.progress, tokenizer=not o.get("no_tokenizer"),
+                              exact_ternary=not o.get("no_exact_ternary"))
 
     def detect(self, path: Path) -> bool:
         from cpmkit.formats import safetensors as st

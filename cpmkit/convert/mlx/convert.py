@@ -41,6 +41,7 @@ from cpmkit.formats.mlx.pack import pack_codes
 from cpmkit.formats.safetensors import ShardedWriter, TensorSlot
 from cpmkit.quant.affine import AffineSpec, quantize_affine
 from cpmkit.quant.mlx_recipes import MlxRecipe, UniformRecipe, mixed_recipe
+from cpmkit.quant.ternary import exact_ternary as exact_ternary_weight
 from cpmkit.spec import Family, ModelSpec, RopeKind
 
 Progress = Callable[[Iterable], Iterable]  # e.g. a tqdm wrapper; receives the list of per-tensor jobs
@@ -88,7 +89,7 @@ class _Job:
 
 def convert_to_mlx(ck: Checkpoint, out_dir: Path, *, bits: int = 4, group_size: int = 64, recipe: str | None = None,
                    dtype: str | None = None, quantize: bool = True, overwrite: bool = False,
-                   progress: Progress = iter, tokenizer: bool = True) -> Path:
+                   progress: Progress = iter, tokenizer: bool = True, exact_ternary: bool = True) -> Path:
     """Write ``ck`` as an mlx-lm folder at ``out_dir`` and return it.
 
     ``quantize``: every Linear and Embedding becomes MLX affine ``bits``/``group_size`` (a mixed
@@ -102,6 +103,9 @@ def convert_to_mlx(ck: Checkpoint, out_dir: Path, *, bits: int = 4, group_size: 
 
     Raises CpmkitError for a checkpoint mlx-lm cannot run correctly (``capability.mlx_reason``) and for
     invalid options.
+
+    ``exact_ternary``: a block linear that is ternary with one scale per group (BitCPM's) is written exactly,
+    codes ``t + 1`` with scale ``s`` and bias ``-s``, where min-max rounding could not even keep its zeros.
     """
     reason = mlx_reason(ck.spec)
     if reason:
@@ -124,19 +128,27 @@ def convert_to_mlx(ck: Checkpoint, out_dir: Path, *, bits: int = 4, group_size: 
     with atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
         with mlx_folder.folder_writer(tmp, slots) as writer:
             # zip pulls one job, then one tensor: the checkpoint streams lazily under the progress wrapper
+            exact = 0
             for job, (_, tensor) in zip(progress(jobs), ck.stream([job.source for job in jobs])):
-                _write_job(writer, job, tensor.to(out_dtype))
+                exact += _write_job(writer, job, tensor.to(out_dtype), exact_ternary)
         mlx_folder.write_config(tmp, config)
         hf.copy_source_files(ck.root, tmp)
-        _write_card(tmp, Path(out_dir).name, ck, config, plan_recipe, recipe, dtype_name)
+        _write_card(tmp, Path(out_dir).name, ck, config, plan_recipe, recipe, dtype_name, exact)
     return Path(out_dir)
 
 
-def _write_job(writer: ShardedWriter, job: _Job, tensor: torch.Tensor) -> None:
+def _write_job(writer: ShardedWriter, job: _Job, tensor: torch.Tensor, exact_ternary: bool) -> bool:
+    """Write one job's tensors; True when it was a ternary linear written exactly."""
     if job.spec is None:
         writer.write(job.name, tensor)
-        return
+        return False
     bits, group_size = job.spec.bits, job.spec.group_size
+    ternary = exact_ternary and job.source.startswith("model.layers.") and exact_ternary_weight(tensor, group_size)
+    if ternary:
+        writer.write(job.name, pack_codes(ternary.codes, bits))
+        writer.write(f"{job.module}.scales", ternary.scales)
+        writer.write(f"{job.module}.biases", -ternary.scales)
+        return True
     n, k = tensor.shape
     packed = torch.empty((n, k * bits // 32), dtype=torch.uint32)
     scales = torch.empty((n, k // group_size), dtype=tensor.dtype)
@@ -152,6 +164,7 @@ def _write_job(writer: ShardedWriter, job: _Job, tensor: torch.Tensor) -> None:
     writer.write(job.name, packed)
     writer.write(f"{job.module}.scales", scales)
     writer.write(f"{job.module}.biases", biases)
+    return False
 
 
 def _recipe(bits: int, group_size: int, recipe: str | None, quantize: bool) -> MlxRecipe | None:
@@ -260,7 +273,7 @@ def needs_tokenizer_workaround(config: dict[str, Any]) -> bool:
 
 
 def _write_card(folder: Path, title: str, ck: Checkpoint, config: dict[str, Any], plan_recipe: MlxRecipe | None,
-                recipe: str | None, dtype_name: str) -> None:
+                recipe: str | None, dtype_name: str, exact_ternary: int) -> None:
     base = ck.repo_id
     if plan_recipe is None:
         what = f"unquantized {dtype_name}"
@@ -270,6 +283,9 @@ def _write_card(folder: Path, title: str, ck: Checkpoint, config: dict[str, Any]
         what = f"{plan_recipe.bits}-bit affine quantization (group size {plan_recipe.group_size})"
     source = f"[{base}](https://huggingface.co/{base})" if base else f"{ck.spec.architecture} checkpoint"
     summary = f"MLX version of {source}, converted by cpmkit: {what}, {dtype_name} scales and norms."
+    if exact_ternary:
+        summary += (f" Its {exact_ternary} ternary linears are held exactly (codes t + 1, scale s, bias -s): "
+                    "the same weights as the checkpoint's.")
     mlx_folder.write_mlx_card(folder, title=title, summary=summary, usage=usage(title, config),
                                 base_model=base, license_keys=hf.card_front_matter(ck.root))
 

@@ -129,11 +129,12 @@ class TernaryFormat(FormatPlugin):
         return f"""## Run it
 
 cpmkit's ternary pack: 2-bit codes (t + 1, four per byte along each row) and the checkpoint's own scales, in
-safetensors; `config.json`'s `quantization_config` says how. cpmkit reads it and runs it with its Triton kernels:
+safetensors; `config.json`'s `quantization_config` says how. cpmkit reads it, and its verify and release commands
+run it with cpmkit's Triton kernels:
 
 ```bash
 pip install cpmkit
-cpmkit verify {where.repo_id} --reference <the BF16 checkpoint>
+huggingface-cli download {where.repo_id} --local-dir ternary && cpmkit inspect ternary
 ```
 
 For llama.cpp, Ollama and LM Studio, the same weights losslessly: the `gguf:TQ2_0` and `gguf:TQ1_0` files of this

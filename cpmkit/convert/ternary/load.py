@@ -7,15 +7,14 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-from torch import nn
 
-from cpmkit.convert.quantized_folder import check_tensor_names
+from cpmkit.convert.quantized_folder import check_tensor_names, stored_linear_factory
 from cpmkit.convert.ternary.weight import TernaryPackWeight
 from cpmkit.errors import CpmkitError
 from cpmkit.formats import ternary
 from cpmkit.formats.safetensors import StoredTensor, index_folder
 from cpmkit.jsonfile import read_json_object
-from cpmkit.kernels import Backend, QuantLinear
+from cpmkit.kernels import Backend
 from cpmkit.models import CausalLM, build_model
 from cpmkit.models.causal_lm import default_linear_factory
 from cpmkit.models.source import ModelSource
@@ -58,19 +57,8 @@ def open_ternary(folder: str | Path, *, dtype: torch.dtype = torch.float32, back
     weight_dtype = floats.pop() if len(floats) == 1 else torch.float32
     plain = default_linear_factory(weight_dtype)
 
-    def linear(name: str, in_features: int, out_features: int) -> nn.Module:
-        if name not in formats:
-            return plain(name, in_features, out_features)
-        fmt = formats[name]
-        missing = [b for b in fmt.buffer_names if f"{name}.{b}" not in tensors]
-        if missing:
-            raise CpmkitError(f"{folder}: {name}.{missing[0]} is missing")
-        placeholders = {b: torch.empty(tensors[f"{name}.{b}"].shape, dtype=tensors[f"{name}.{b}"].dtype, device="meta")
-                        for b in fmt.buffer_names}
-        try:
-            return QuantLinear(fmt, placeholders, backend=backend, cache_dequantized=cache_dequantized, name=name)
-        except CpmkitError as e:
-            raise CpmkitError(f"{folder}: {e}") from None
+    linear = stored_linear_factory(folder, formats, tensors, plain, backend=backend,
+                                   cache_dequantized=cache_dequantized)
 
     def build() -> CausalLM:
         return build_model(spec, linear_factory=linear, dtype=dtype, weight_dtype=weight_dtype)
