@@ -8,6 +8,8 @@ Tolerances, ``|y - ref| <= rtol * |ref| + atol * rms(ref)`` per path:
 | GEMV, GEMM; fp32 in  | 1e-5  | 1e-5 | float32 decode and accumulation; only the summation order differs |
 | GEMV; bf16 in        | 2^-8  | 1e-5 | float32 math, output rounded to bf16                            |
 | GEMM; bf16 in        | 2^-8  | 2e-2 | decoded weight rounded to bf16 for the MMA (interpreter: truncated) |
+| STREAM; fp32 in      | 1e-5  | 1e-4 | codes as 1 + q/2^bits: the chunk's sum of x is subtracted back out |
+| STREAM; bf16 in      | 2^-7  | 1e-4 | the same, output cast to bf16 in the kernel (interpreter: truncated) |
 """
 
 import pytest
@@ -17,28 +19,35 @@ from kernel_weights import CASE_IDS, DEVICE, K, N, assert_within, make_linear
 from cpmkit.kernels.dispatch import GEMV_MAX_M, Strategy, choose_strategy
 from cpmkit.kernels.gemm_tiled import GemmConfig, gemm, reference_gemm
 from cpmkit.kernels.gemv_splitk import GemvConfig, gemv, reference_gemv
+from cpmkit.kernels.gemv_stream import StreamConfig, stream_gemv, supports
 
 # Tiles smaller than the shapes on purpose: 2 column tiles (the second ragged), 2-way split-K, K tiles
 # both smaller than a 256 super-block and larger than a 32 block.
 GEMV_TILES = GemvConfig(block_n=32, block_k=64, split_k=2)
 GEMM_TILES = GemmConfig(block_m=16, block_n=32, block_k=128, split_k=2)
+STREAM_TILES = StreamConfig(num_warps=1, split_k=4, num_stages=1)  # 128 columns: one full tile, one ragged
 
 TOLERANCES = {  # (strategy, input dtype) -> (rtol, atol as a fraction of rms(ref))
     (Strategy.GEMV, torch.float32): (1e-5, 1e-5),
     (Strategy.GEMM, torch.float32): (1e-5, 1e-5),
     (Strategy.GEMV, torch.bfloat16): (2**-8, 1e-5),
     (Strategy.GEMM, torch.bfloat16): (2**-8, 2e-2),
+    (Strategy.STREAM, torch.float32): (1e-5, 1e-4),
+    (Strategy.STREAM, torch.bfloat16): (2**-7, 1e-4),
 }
-RUNS = {Strategy.GEMV: lambda x, w: gemv(x, w, GEMV_TILES), Strategy.GEMM: lambda x, w: gemm(x, w, GEMM_TILES)}
+RUNS = {Strategy.GEMV: lambda x, w: gemv(x, w, GEMV_TILES), Strategy.GEMM: lambda x, w: gemm(x, w, GEMM_TILES),
+        Strategy.STREAM: lambda x, w: stream_gemv(x, w, STREAM_TILES)}
 
 
 @pytest.mark.parametrize("case", CASE_IDS)
 @pytest.mark.parametrize("strategy,m,dtype", [
+    (Strategy.STREAM, 1, torch.bfloat16), (Strategy.STREAM, 3, torch.float32),
     (Strategy.GEMV, 1, torch.bfloat16), (Strategy.GEMV, 3, torch.float32),
     (Strategy.GEMM, 17, torch.bfloat16), (Strategy.GEMM, 17, torch.float32),
 ])
 def test_kernel_matches_independent_decoder(case, strategy, m, dtype):
     linear, oracle = make_linear(case)
+    assert strategy != Strategy.STREAM or supports(linear.packed()), "every layout runs the streaming GEMV"
     x = torch.randn(m, K, generator=torch.Generator().manual_seed(m)).to(dtype)
     y = RUNS[strategy](x.to(DEVICE), linear.to(DEVICE).packed()).cpu()
     assert y.dtype == dtype and y.shape == (m, N)
@@ -101,5 +110,19 @@ def test_custom_ops_compute_what_the_eager_launch_does(op):
 
 
 def test_dispatch_rule():
-    assert [choose_strategy(m) for m in (1, GEMV_MAX_M, GEMV_MAX_M + 1, 4096)] == [
-        Strategy.GEMV, Strategy.GEMV, Strategy.GEMM, Strategy.GEMM]
+    w = make_linear("gguf-Q4_K")[0].packed()
+    assert [choose_strategy(m, w) for m in (1, 4, 5, GEMV_MAX_M, GEMV_MAX_M + 1, 4096)] == [
+        Strategy.STREAM, Strategy.STREAM, Strategy.GEMV, Strategy.GEMV, Strategy.GEMM, Strategy.GEMM]
+
+
+@pytest.mark.parametrize("m", [1, 2, 4])
+def test_stream_split_k_is_deterministic_and_rows_independent(m):
+    w = make_linear("mlx-4bit-g64-float16")[0].to(DEVICE).packed()
+    x = torch.randn(m, K, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    whole = stream_gemv(x, w, StreamConfig(num_warps=1, split_k=1))
+    for split in (2, 8):
+        y = stream_gemv(x, w, StreamConfig(num_warps=1, split_k=split))
+        torch.testing.assert_close(y, whole, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stream_gemv(x, w, StreamConfig(num_warps=1, split_k=split)), y, rtol=0, atol=0)
+    alone = torch.cat([stream_gemv(x[i : i + 1], w, StreamConfig(num_warps=1, split_k=2)) for i in range(m)])
+    torch.testing.assert_close(stream_gemv(x, w, StreamConfig(num_warps=1, split_k=2)), alone, rtol=0, atol=0)

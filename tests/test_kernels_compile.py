@@ -1,4 +1,4 @@
-"""Compile both kernels for an H100 (sm_90) without a GPU: catches what the interpreter cannot (layout
+"""Compile the three kernels for an H100 (sm_90) without a GPU: catches what the interpreter cannot (layout
 lowering, ``tl.dot`` operand rules, ptxas). Runs this file as a script in a subprocess, because the
 kernels must be imported without TRITON_INTERPRET, which tests/conftest.py sets on CPU machines."""
 
@@ -17,33 +17,30 @@ def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.count("compiled") == 8, done.stdout
+    assert done.stdout.count("compiled") == 12, done.stdout
 
 
 def _compile_all() -> None:
-    import triton
     import triton.language as tl
     from gguf import GGMLQuantizationType as QType
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from cpmkit.convert.gguf.weight import KERNEL_TYPES as GGUF_KERNEL_TYPES
     from cpmkit.convert.mlx.weight import mlx_layout
     from cpmkit.kernels.gemm_tiled import gemm_kernel
     from cpmkit.kernels.gemv_splitk import gemv_kernel
+    from cpmkit.kernels.gemv_stream import chunk, stream_kernel
+    from cpmkit.kernels.static import compile_for, layout_constants
 
     def compile_kernel(kernel, act: str, lay, d: str, sub: str, constants: dict, split: int) -> None:
-        ptr = {"bf16": "*bf16", "fp32": "*fp32"}[act]
-        sig = {"x_ptr": ptr, "out_ptr": "*fp32" if split > 1 else ptr, "M": "i32", "N": "i32", "K": "i32",
+        ptr = {"bf16": "*bf16", "fp32": "*fp32", "pairs": "*i32"}[act]
+        sig = {"x_ptr": ptr, "out_ptr": "*fp32" if split > 1 and kernel is not stream_kernel else ptr,
+               "ws_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
                "stride_xm": "i32", "lo_ptr": "*i32", "hi_ptr": "*i32" if lay.hi_bits else None, "d_ptr": d,
                "m_ptr": d if lay.has_m else None, "sub_d_ptr": sub if lay.has_sub else None,
-               "sub_m_ptr": "*u8" if lay.has_sub and lay.has_m else None}
-        consts = {name: None for name, t in sig.items() if t is None}
-        consts.update(LO_BITS=lay.lo_bits, HI_BITS=lay.hi_bits, ZERO=lay.zero, BLOCK=lay.block,
-                      SUB_BLOCK=lay.sub_block, HAS_M=lay.has_m, SPLIT_K=split, **constants)
-        signature = {name: sig.get(name) or "constexpr" for name in kernel.arg_names}
-        src = ASTSource(kernel, signature, consts)
-        triton.compile(src, target=GPUTarget("cuda", SM_90, 32), options={"num_warps": 4, "num_stages": 2})
+               "sub_m_ptr": "*u8" if lay.has_sub and lay.has_m else None, "lo_mask": "i32", "hi_mask": "i32"}
+        if act == "pairs":
+            sig["out_ptr"] = "*bf16"
+        compile_for(kernel, sig, {**layout_constants(lay), "SPLIT_K": split, **constants})
         print("compiled", kernel.__name__, act, lay, flush=True)
 
     gguf = {t: GGUF_KERNEL_TYPES[t].layout for t in (QType.Q4_K, QType.Q6_K, QType.Q8_0)}
@@ -55,6 +52,10 @@ def _compile_all() -> None:
         dot = dict(DOT_DTYPE=tl.float32 if act == "fp32" else tl.bfloat16,
                    DOT_PRECISION="ieee" if act == "fp32" else "tf32", UPCAST_DOT=False, GROUP_M=8)
         compile_kernel(gemm_kernel, act, lay, d, sub, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, **dot), split=1)
+        stream = dict(BLOCK_M=4 if act == "fp32" else 1, BLOCK_N=512, NUM_STAGES=1,
+                      CHUNK=chunk(lay, 4096, 4 if act == "fp32" else 1),
+                      X_PAIRS=act == "bf16")
+        compile_kernel(stream_kernel, "pairs" if act == "bf16" else act, lay, d, sub, stream, split=4)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """The kernel layout and the load-time repack (no Triton launches), and the dispatcher's tile choices."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from gguf import GGMLQuantizationType as QType
@@ -22,6 +24,7 @@ from cpmkit.kernels.dispatch import (
 from cpmkit.kernels.gemm_tiled import GemmConfig
 from cpmkit.kernels.gemv_splitk import MAX_M as GEMV_KERNEL_MAX_M
 from cpmkit.kernels.gemv_splitk import GemvConfig
+from cpmkit.kernels.gemv_stream import StreamConfig
 from cpmkit.kernels.layout import pack_plane
 
 # Linear shapes (N, K) of MiniCPM4-8B and MiniCPM5-1B, as in bench/kernels_gpu.py
@@ -66,25 +69,28 @@ def test_repack_rejects_a_wrong_shape():
 
 
 def _valid(cfg, m: int, n: int, k: int) -> bool:
+    if isinstance(cfg, StreamConfig):
+        return cfg.num_warps in (1, 2, 4) and 1 <= cfg.split_k <= k // 32
     return (k % cfg.block_k == 0 and cfg.block_k % 32 == 0 and 1 <= cfg.split_k <= k // cfg.block_k
             and (isinstance(cfg, GemvConfig) or min(cfg.block_m, cfg.block_n) >= 16))
 
 
 @pytest.mark.parametrize("n,k", MINICPM_SHAPES)
 def test_default_and_candidate_tiles_are_valid(n, k):
+    w = SimpleNamespace(layout=GGUF_KERNEL_TYPES[QType.Q4_K].layout, n=n, k=k)  # what the STREAM tiles read
     for m in (1, 2, 8, 16, 64, 256, 4096):
         for strategy in Strategy:
-            if strategy == Strategy.GEMV and m > GEMV_KERNEL_MAX_M:
+            if strategy == Strategy.GEMV and m > GEMV_KERNEL_MAX_M or strategy == Strategy.STREAM and m > 4:
                 continue
-            assert _valid(default_config(strategy, m, n, k), m, n, k)
-            candidates = candidate_configs(strategy, m, n, k)
+            assert _valid(default_config(strategy, m, n, k, w), m, n, k)
+            candidates = candidate_configs(strategy, m, n, k, w)
             assert candidates and all(_valid(c, m, n, k) for c in candidates)
 
 
 def test_tune_cache_round_trip_and_override(tmp_path):
     args, _ = quant_linear_args("gguf-Q4_K")
     w = pack_gguf(args["raw"], QType.Q4_K, (N, K))
-    assert plan(w, 1, torch.bfloat16)[0] == Strategy.GEMV
+    assert plan(w, 1, torch.bfloat16)[0] == Strategy.STREAM
     tune = TuneCache("NVIDIA H100 80GB HBM3")
     tuned = (Strategy.GEMM, GemmConfig(16, 64, 128, split_k=2))
     tune.entries[tune_key(w, 1, torch.bfloat16)] = tuned
@@ -94,7 +100,7 @@ def test_tune_cache_round_trip_and_override(tmp_path):
     loaded = TuneCache.load(path, "NVIDIA H100 80GB HBM3")
     assert loaded.entries == tune.entries
     assert plan(w, 1, torch.bfloat16, loaded) == tuned
-    assert plan(w, 1, torch.float16, loaded)[0] == Strategy.GEMV  # other dtype: not tuned
+    assert plan(w, 1, torch.float16, loaded)[0] == Strategy.STREAM  # other dtype: not tuned
     with pytest.raises(CpmkitError, match="measured on 'NVIDIA H100 80GB HBM3'"):
         TuneCache.load(path, "NVIDIA H200")
     assert TuneCache.load(tmp_path / "missing.json", "x").entries == {}

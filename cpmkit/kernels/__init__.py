@@ -3,7 +3,8 @@ no format (each format's plug-in brings its weight type and repack into :class:`
 
 Importing this package loads neither triton nor CUDA. The Triton side (``cpmkit.kernels.dispatch``:
 ``quant_matmul``, ``choose_strategy``, ``TuneCache``, ``autotune``; the strategy files
-``gemv_splitk`` and ``gemm_tiled``) is imported on first use.
+``gemv_stream``, ``gemv_splitk`` and ``gemm_tiled``) is imported on first use; ``static`` compiles them for a
+GPU that is not here and reads their machine code.
 """
 
 from cpmkit.kernels.layout import AffineCodes, AffineLayout, PackedWeight, pack_affine

@@ -1,6 +1,7 @@
 """Which dequant-GEMM strategy and tile configuration runs a given call, and autotuning.
 
-The rule: ``M <= GEMV_MAX_M`` (decode-sized batches) runs the split-K GEMV, larger M the tiled GEMM.
+The rule: ``M <= STREAM_MAX_M`` runs the streaming GEMV (every layout whose scale groups hold whole code
+words), other ``M <= GEMV_MAX_M`` (decode-sized batches) the split-K GEMV, larger M the tiled GEMM.
 A :class:`TuneCache` entry measured for the same layout, shape bucket and dtype overrides both the
 strategy and the tiles, so the crossover is measured per format and shape where a cache exists. Configs
 are always explicit arguments: nothing is read at import and no state is global; a cache is an object
@@ -24,6 +25,14 @@ from cpmkit.errors import CpmkitError
 from cpmkit.kernels.gemm_tiled import GemmConfig, gemm
 from cpmkit.kernels.gemv_splitk import MAX_M as GEMV_KERNEL_MAX_M
 from cpmkit.kernels.gemv_splitk import GemvConfig, gemv
+from cpmkit.kernels.gemv_stream import MAX_M as STREAM_MAX_M
+from cpmkit.kernels.gemv_stream import (
+    StreamConfig,
+    default_stream_config,
+    stream_gemv,
+    supports,
+)
+from cpmkit.kernels.gemv_stream import chunk as stream_chunk
 from cpmkit.kernels.layout import PackedWeight
 from cpmkit.kernels.timing import device_ms
 
@@ -36,21 +45,27 @@ GEMV_TARGET_PROGRAMS = 1056
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_OFFSET = 2**31  # the kernels index x and the output with int32 offsets
 
-Config = Union[GemvConfig, GemmConfig]
+Config = Union[StreamConfig, GemvConfig, GemmConfig]
 
 
 class Strategy(str, Enum):
+    STREAM = "gemv_stream"
     GEMV = "gemv_splitk"
     GEMM = "gemm_tiled"
 
 
 _RUNNERS: dict[Strategy, tuple[Callable[[torch.Tensor, PackedWeight, Config], torch.Tensor], type]] = {
+    Strategy.STREAM: (stream_gemv, StreamConfig),
     Strategy.GEMV: (gemv, GemvConfig),
     Strategy.GEMM: (gemm, GemmConfig),
 }
 
 
-def choose_strategy(m: int) -> Strategy:
+def choose_strategy(m: int, w: PackedWeight | None = None) -> Strategy:
+    """The default strategy for ``m`` rows (``w``: the weight, whose layout decides whether the streaming GEMV
+    can run it)."""
+    if m <= STREAM_MAX_M and w is not None and supports(w):
+        return Strategy.STREAM
     return Strategy.GEMV if m <= GEMV_MAX_M else Strategy.GEMM
 
 
@@ -70,8 +85,11 @@ def _split_k(tiles: int, k_tiles: int, most: int, target: int = TARGET_PROGRAMS)
     return _pow2_floor(min(max(target // tiles, 1), k_tiles, most))
 
 
-def default_config(strategy: Strategy, m: int, n: int, k: int) -> Config:
-    """Untuned tiles that are valid for every layout and reasonable on an H100."""
+def default_config(strategy: Strategy, m: int, n: int, k: int, w: PackedWeight | None = None) -> Config:
+    """Untuned tiles that are valid for every layout and reasonable on an H100 (``w``: needed for STREAM)."""
+    if strategy == Strategy.STREAM:
+        assert w is not None
+        return default_stream_config(n, k, w, GEMV_TARGET_PROGRAMS, m)
     if strategy == Strategy.GEMV:
         # keep BLOCK_M * BLOCK_K * BLOCK_N (the product held in registers) at 16K elements
         block_n = 32 if n <= 1024 else 64
@@ -86,9 +104,14 @@ def default_config(strategy: Strategy, m: int, n: int, k: int) -> Config:
                       num_warps=8 if block_m * block_n >= 128 * 128 else 4)
 
 
-def candidate_configs(strategy: Strategy, m: int, n: int, k: int) -> list[Config]:
-    """The autotune search space for one strategy and shape (valid tiles only)."""
+def candidate_configs(strategy: Strategy, m: int, n: int, k: int, w: PackedWeight | None = None) -> list[Config]:
+    """The autotune search space for one strategy and shape (valid tiles only; ``w``: needed for STREAM)."""
     out: list[Config] = []
+    if strategy == Strategy.STREAM:
+        assert w is not None
+        chunks = k // stream_chunk(w.layout, k, triton.next_power_of_2(m))
+        return [StreamConfig(warps, split, stages) for warps in (1, 2, 4) for split in (1, 2, 4, 8, 16, 32)
+                for stages in (1, 3) if split <= chunks]
     if strategy == Strategy.GEMV:
         bm = triton.next_power_of_2(m)
         for block_n in (32, 64, 128):
@@ -152,8 +175,8 @@ def plan(w: PackedWeight, m: int, dtype: torch.dtype, tune: TuneCache | None = N
     entry = tune.entries.get(tune_key(w, m, dtype)) if tune is not None else None
     if entry is not None:
         return entry
-    strategy = choose_strategy(m)
-    return strategy, default_config(strategy, m, w.n, w.k)
+    strategy = choose_strategy(m, w)
+    return strategy, default_config(strategy, m, w.n, w.k, w)
 
 
 def run(strategy: Strategy, x2d: torch.Tensor, w: PackedWeight, cfg: Config) -> torch.Tensor:
@@ -180,7 +203,7 @@ def quant_matmul(x: torch.Tensor, w: PackedWeight, tune: TuneCache | None = None
 
 
 def autotune(x2d: torch.Tensor, w: PackedWeight, tune: TuneCache,
-             strategies: tuple[Strategy, ...] = (Strategy.GEMV, Strategy.GEMM)) -> tuple[Strategy, Config, float]:
+             strategies: tuple[Strategy, ...] = tuple(Strategy)) -> tuple[Strategy, Config, float]:
     """Time every candidate of ``strategies`` on CUDA (device time, ``timing.device_ms``) and record the
     fastest in ``tune``.
 
@@ -192,7 +215,9 @@ def autotune(x2d: torch.Tensor, w: PackedWeight, tune: TuneCache,
     for strategy in strategies:
         if strategy == Strategy.GEMV and m > GEMV_KERNEL_MAX_M:  # the tuner may find GEMV wins beyond the rule
             continue
-        for cfg in candidate_configs(strategy, m, w.n, w.k):
+        if strategy == Strategy.STREAM and (m > STREAM_MAX_M or not supports(w)):
+            continue
+        for cfg in candidate_configs(strategy, m, w.n, w.k, w):
             try:
                 ms = device_ms(lambda s=strategy, c=cfg: run(s, x2d, w, c))
             except (OutOfResources, PTXASError):
