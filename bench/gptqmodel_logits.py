@@ -18,9 +18,21 @@ parser.add_argument("out")
 parser.add_argument("--backend", default="gptq_torch")
 args = parser.parse_args()
 
+
+
+def dequantized(module) -> torch.Tensor:
+    """GPTQModel's own dequantization of one linear, [in, out]: GPTQ modules have dequantize_weight, its AWQ torch
+    module only the helper its forward uses."""
+    if hasattr(module, "dequantize_weight"):
+        return module.dequantize_weight()
+    probe = torch.empty(1, module.in_features, dtype=torch.float16)
+    return module._dequantize_weight_for_inference(probe, dtype=torch.float16)
+
+
 model = GPTQModel.load(args.folder, device="cpu", backend=BACKEND(args.backend), dtype=torch.float16)
-weights = {name: module.dequantize_weight().float().cpu() for name, module in model.model.named_modules()
-           if hasattr(module, "dequantize_weight") and hasattr(module, "qweight")}
+weights = {name: dequantized(module).float().cpu() for name, module in model.model.named_modules()
+           if hasattr(module, "qweight") and (hasattr(module, "dequantize_weight")
+                                              or hasattr(module, "_dequantize_weight_for_inference"))}
 ids = torch.load(args.ids, weights_only=True)
 with torch.no_grad():
     logits = model.model(input_ids=ids).logits.float()

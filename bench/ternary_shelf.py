@@ -5,9 +5,10 @@ verified by ``cpmkit release`` against the BF16 checkpoint. Prints size, bits pe
     python bench/ternary_shelf.py [--granularity row|group64|...] [--work /tmp/cpmkit-bench-ternary]
 
 The packs: ternary:2bit, gguf:TQ2_0 and gguf:TQ1_0 (per-row and per-tensor scales only; TQ holds one scale per
-256 weights), mlx:2bit-g64 and gptq:2bit-g64 round to nearest (their exact ternary encodings, groups no larger
-than the checkpoint's). The weights are random, so the perplexity means nothing; the KLD and top-1 against the
-reference show whether a pack is lossless.
+256 weights; llama-quantize's rules put the token embedding in Q4_K), gptq:2bit-g32 round to nearest and
+mlx:2bit-g32 / mlx:8bit-g32 (their exact ternary encodings of the linears; MLX also quantizes the embedding at the
+variant's bits, as mlx-lm does). The weights are random, so the perplexity means nothing; the KLD and top-1
+against the reference show whether a pack is lossless.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/cpmkit-bench-ternary"))
     args = parser.parse_args()
     checkpoint = write_ternary_checkpoint(args.work / f"BitCPM4-0.5B-{args.granularity}", args.granularity)
-    targets = ['{ to = "ternary:2bit" }', '{ to = "mlx:2bit-g32" }', '{ to = "gptq:2bit-g32", rtn = true }']
+    targets = ['{ to = "ternary:2bit" }', '{ to = "gptq:2bit-g32", rtn = true }', '{ to = "mlx:2bit-g32" }',
+               '{ to = "mlx:8bit-g32" }']
     if args.granularity in ("tensor", "row"):
         targets += ['{ to = "gguf:TQ2_0" }', '{ to = "gguf:TQ1_0" }']
     recipe = args.work / "recipe.toml"
@@ -97,7 +99,7 @@ def main() -> None:
     source = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
     print(f"| BF16 checkpoint | {source / 2**20:.1f} | 16.00 | 0 | 1 |")
     for a in report["artifacts"]:
-        print(f"| {a['name']} | {a['file_size'] / 2**20:.1f} | {a['bits_per_weight']:.2f} | {a['kld']['mean']:.2e} | "
+        print(f"| {a['name']} | {a['file_size_bytes'] / 2**20:.1f} | {a['bits_per_weight']:.2f} | {a['kld']['mean']:.2e} | "
               f"{a['top1_agreement']:.4f} |")
 
 

@@ -191,3 +191,33 @@ def stored_linear_factory(folder: Path, formats: dict, tensors: dict, plain: Cal
             raise CpmkitError(f"{folder}: {e}") from None
 
     return linear
+
+
+def stored_model_source(folder: Path, spec, tensors: dict, formats: dict, *, dtype: torch.dtype, backend,
+                        cache_dequantized: bool, scale_suffixes: tuple[str, ...] = (),
+                        check: Callable[[str, torch.Tensor], None] = lambda name, tensor: None):
+    """A folder of stored quantized linears (``formats``: module name -> its kernel weight type) as a lazily read
+    ``ModelSource``; the float tensors other than those ending in ``scale_suffixes`` give the model's dtype, and
+    ``check(name, tensor)`` sees every tensor as it is read."""
+    from cpmkit.models import build_model
+    from cpmkit.models.causal_lm import default_linear_factory
+    from cpmkit.models.source import ModelSource
+
+    floats = {t.dtype for name, t in tensors.items()
+              if t.dtype.is_floating_point and not (scale_suffixes and name.endswith(scale_suffixes))}
+    weight_dtype = floats.pop() if len(floats) == 1 else torch.float32
+    linear = stored_linear_factory(folder, formats, tensors, default_linear_factory(weight_dtype), backend=backend,
+                                   cache_dequantized=cache_dequantized)
+
+    def build():
+        return build_model(spec, linear_factory=linear, dtype=dtype, weight_dtype=weight_dtype)
+
+    check_tensor_names(folder, build().tensor_names(), tensors)
+
+    def read(names):
+        for name in names:
+            tensor = tensors[name].read()
+            check(name, tensor)
+            yield name, tensor
+
+    return ModelSource(spec, build, read)

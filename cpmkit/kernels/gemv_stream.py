@@ -38,7 +38,9 @@ LANE_COLUMNS = 4  # int32 codes per lane: one 128-bit load per code row
 class StreamConfig:
     num_warps: int
     split_k: int
-    num_stages: int = 3
+    # 1: plain loads, no barrier in the K loop; 3: Triton pipelines the loads through shared memory (cp.async),
+    # at the cost of two barriers a step. Which is faster is for a GPU to say; the autotuner tries both.
+    num_stages: int = 1
 
     @property
     def block_n(self) -> int:

@@ -159,9 +159,17 @@ class QuantizeWorkers:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        if exc_type is None:
+            pool.shutdown(wait=True)
+            return
+        # interrupted (Ctrl-C, SIGTERM) or failed: nothing more is wanted from the workers, and waiting for them
+        # could block on a pool the interruption left half-way through an operation
+        for process in list((getattr(pool, "_processes", None) or {}).values()):  # the pool keeps no public list
+            process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
 
     def _processes(self) -> ProcessPoolExecutor:
         if self._pool is None:

@@ -12,19 +12,16 @@ vLLM and transformers read) is used and the disagreement is reported (``describe
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 
 from cpmkit.convert.gptq.weight import CT_ZERO, GPTQWeight
-from cpmkit.convert.quantized_folder import check_tensor_names, stored_linear_factory
+from cpmkit.convert.quantized_folder import stored_model_source
 from cpmkit.errors import CpmkitError
 from cpmkit.formats.gptq.config import CONFIG, GPTQConfig, read_gptq_config
 from cpmkit.formats.safetensors import StoredTensor, index_folder
 from cpmkit.jsonfile import read_json_object
 from cpmkit.kernels import Backend
-from cpmkit.models import CausalLM, build_model
-from cpmkit.models.causal_lm import default_linear_factory
 from cpmkit.models.source import ModelSource
 from cpmkit.spec import ModelSpec, read_spec
 
@@ -64,27 +61,14 @@ def open_gptq(folder: str | Path, *, dtype: torch.dtype = torch.float32, backend
             raise CpmkitError(f"{folder}: {module} is stored quantized but this {spec.architecture} model has no such "
                               "linear")
         formats[module] = weight_format(config, module, shape, tensors)
-    floats = {t.dtype for t in tensors.values() if t.dtype.is_floating_point}
-    weight_dtype = floats.pop() if len(floats) == 1 else torch.float32
-    plain = default_linear_factory(weight_dtype)
 
-    linear = stored_linear_factory(folder, formats, tensors, plain, backend=backend,
-                                   cache_dequantized=cache_dequantized)
+    def check(name: str, tensor: torch.Tensor) -> None:
+        module, _, buffer = name.rpartition(".")
+        if buffer == "g_idx" and module in formats:
+            check_g_idx(folder, name, tensor, formats[module].groups)
 
-    def build() -> CausalLM:
-        return build_model(spec, linear_factory=linear, dtype=dtype, weight_dtype=weight_dtype)
-
-    check_tensor_names(folder, build().tensor_names(), tensors)
-
-    def read(names: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in names:
-            tensor = tensors[name].read()
-            module, _, buffer = name.rpartition(".")
-            if buffer == "g_idx" and module in formats:
-                check_g_idx(folder, name, tensor, formats[module].groups)
-            yield name, tensor
-
-    return ModelSource(spec, build, read)
+    return stored_model_source(folder, spec, tensors, formats, dtype=dtype, backend=backend,
+                               cache_dequantized=cache_dequantized, check=check)
 
 
 def check_g_idx(folder: Path, name: str, g_idx: torch.Tensor, groups: int) -> None:

@@ -4,19 +4,16 @@ is stored; everything else keeps its stored dtype."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 
-from cpmkit.convert.quantized_folder import check_tensor_names, stored_linear_factory
+from cpmkit.convert.quantized_folder import stored_model_source
 from cpmkit.convert.ternary.weight import TernaryPackWeight
 from cpmkit.errors import CpmkitError
 from cpmkit.formats import ternary
 from cpmkit.formats.safetensors import StoredTensor, index_folder
 from cpmkit.jsonfile import read_json_object
 from cpmkit.kernels import Backend
-from cpmkit.models import CausalLM, build_model
-from cpmkit.models.causal_lm import default_linear_factory
 from cpmkit.models.source import ModelSource
 from cpmkit.spec import read_spec
 
@@ -53,24 +50,11 @@ def open_ternary(folder: str | Path, *, dtype: torch.dtype = torch.float32, back
             raise CpmkitError(f"{folder}: {module} is stored ternary but this {spec.architecture} model has no such "
                               "linear")
         formats[module] = TernaryPackWeight((int(shape[0]), int(shape[1])), group)
-    floats = {t.dtype for n, t in tensors.items() if t.dtype.is_floating_point and not n.endswith(".weight_scale")}
-    weight_dtype = floats.pop() if len(floats) == 1 else torch.float32
-    plain = default_linear_factory(weight_dtype)
 
-    linear = stored_linear_factory(folder, formats, tensors, plain, backend=backend,
-                                   cache_dequantized=cache_dequantized)
+    def check(name: str, tensor: torch.Tensor) -> None:
+        # a 2-bit field is 3 when both its bits are set
+        if name.endswith(PACKED) and bool((tensor & (tensor >> 1) & 0x55).any()):
+            raise CpmkitError(f"{folder}: {name} holds code 3, which no ternary weight has")
 
-    def build() -> CausalLM:
-        return build_model(spec, linear_factory=linear, dtype=dtype, weight_dtype=weight_dtype)
-
-    check_tensor_names(folder, build().tensor_names(), tensors)
-
-    def read(names: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in names:
-            tensor = tensors[name].read()
-            # a 2-bit field is 3 when both its bits are set
-            if name.endswith(PACKED) and bool((tensor & (tensor >> 1) & 0x55).any()):
-                raise CpmkitError(f"{folder}: {name} holds code 3, which no ternary weight has")
-            yield name, tensor
-
-    return ModelSource(spec, build, read)
+    return stored_model_source(folder, spec, tensors, formats, dtype=dtype, backend=backend,
+                               cache_dequantized=cache_dequantized, scale_suffixes=(".weight_scale",), check=check)
