@@ -69,6 +69,27 @@ class Option:
         return float(value) if self.kind is float else value
 
 
+# the options of every calibrated format (GPTQ, Marlin, AWQ), spelled and explained the same in each
+CALIBRATION_OPTIONS = (
+    Option("calib", Path, "calibration text (UTF-8; default: 250 kB of Shakespeare, built in; give text "
+                          "like the model's own use)"),
+    Option("calib_dataset", str, "calibrate on a named dataset's train split instead (wikitext2; needs a "
+                                 "network and `datasets`)"),
+    Option("nsamples", int, "calibration samples (default 128)"),
+    Option("seqlen", int, "tokens per calibration sample (default 512)"),
+)
+DAMP_OPTION = Option("damp", float, "Hessian damping to start from, as a fraction of its mean diagonal (default 0.01)")
+
+
+def check_calibration(options: dict[str, Any]) -> None:
+    """The calibration options that cannot go together or out of range, as one CpmkitError line."""
+    if options.get("calib") is not None and options.get("calib_dataset") is not None:
+        raise CpmkitError("give either --calib or --calib-dataset, not both")
+    for key in ("nsamples", "seqlen"):
+        if key in options and options[key] < 1:
+            raise CpmkitError(f"--{key} must be at least 1, got {options[key]}")
+
+
 @dataclass(frozen=True)
 class Target:
     """One artifact to make: ``format:variant`` plus the format's options (sorted, JSON-able), all canonical,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cpmkit.convert.plugin import (
+    CALIBRATION_OPTIONS,
     ArtifactDescription,
     ConvertContext,
     FormatPlugin,
@@ -22,6 +23,7 @@ from cpmkit.convert.plugin import (
     Location,
     Option,
     Target,
+    check_calibration,
 )
 from cpmkit.errors import CpmkitError
 
@@ -48,12 +50,7 @@ class AWQFormat(FormatPlugin):
                               "(llm-compressor's; 3-bit too)", choices=LAYOUTS),
         Option("clip", bool, "AutoAWQ's per-group clipping search too (off by default: gate and up are clipped "
                              "apart, and on the demo model their product's error made KLD several times worse)"),
-        Option("calib", Path, "calibration text (UTF-8; default: 250 kB of Shakespeare, built in; give text "
-                              "like the model's own use)"),
-        Option("calib_dataset", str, "calibrate on a named dataset's train split instead (wikitext2; needs a "
-                                     "network and `datasets`)"),
-        Option("nsamples", int, "calibration samples (default 128)"),
-        Option("seqlen", int, "tokens per calibration sample (default 512)"),
+        *CALIBRATION_OPTIONS,
     )
 
     def parse_variant(self, variant: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -68,11 +65,7 @@ class AWQFormat(FormatPlugin):
         if bits != 4 and not (layout == "compressed-tensors" and bits in (2, 3, 8)):
             raise CpmkitError(f"{bits}-bit AWQ: AutoAWQ's gemm/gemv layouts are 4-bit; --layout compressed-tensors "
                               "also takes 2, 3 and 8")
-        if options.get("calib") is not None and options.get("calib_dataset") is not None:
-            raise CpmkitError("give either --calib or --calib-dataset, not both")
-        for key in ("nsamples", "seqlen"):
-            if key in options and options[key] < 1:
-                raise CpmkitError(f"--{key} must be at least 1, got {options[key]}")
+        check_calibration(options)
         name = f"{bits}bit-g{group}{SUFFIXES[layout]}" + ("-clip" if options.get("clip") else "")
         if layout != "gemm":
             options["layout"] = layout

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from cpmkit.convert.plugin import (
+    CALIBRATION_OPTIONS,
+    DAMP_OPTION,
     ArtifactDescription,
     ConvertContext,
     FormatPlugin,
@@ -23,6 +25,7 @@ from cpmkit.convert.plugin import (
     Location,
     Option,
     Target,
+    check_calibration,
     ternary_exact_reason,
 )
 from cpmkit.errors import CpmkitError
@@ -30,7 +33,7 @@ from cpmkit.errors import CpmkitError
 _VARIANT = re.compile(r"(?P<bits>\d+)(?:bit)?(?:-(?:g(?P<group>\d+)|(?P<channel>channel)))?")
 LAYOUTS = ("gptq", "compressed-tensors")
 DEFAULT_GROUP = 128
-CALIBRATION_OPTIONS = ("order", "calib", "calib_dataset", "nsamples", "seqlen", "damp")
+CALIBRATION_NAMES = ("order", "calib", "calib_dataset", "nsamples", "seqlen", "damp")
 # --order -> (act_order, static_groups) of cpmkit.quant.gptq.GPTQSpec, and the variant's suffix
 ORDERS = {"static": (True, True, ""), "desc": (True, False, "-desc"), "none": (False, False, "-noorder")}
 
@@ -54,15 +57,10 @@ class GPTQFormat(FormatPlugin):
         Option("asym", bool, "asymmetric (zero point per group; written as gptq_v2)"),
         Option("layout", str, "gptq (AutoGPTQ tensors, the default) or compressed-tensors (llm-compressor)",
                choices=LAYOUTS),
-        Option("calib", Path, "calibration text (UTF-8; default: 250 kB of Shakespeare, built in; give text "
-                              "like the model's own use)"),
-        Option("calib_dataset", str, "calibrate on a named dataset's train split instead (wikitext2; needs a "
-                                     "network and `datasets`)"),
         Option("rtn", bool, "round to nearest, no calibration (llm-compressor's QuantizationModifier): fast, "
                             "and the baseline GPTQ is measured against"),
-        Option("nsamples", int, "calibration samples (default 128)"),
-        Option("seqlen", int, "tokens per calibration sample (default 512)"),
-        Option("damp", float, "Hessian damping to start from, as a fraction of its mean diagonal (default 0.01)"),
+        *CALIBRATION_OPTIONS,
+        DAMP_OPTION,
         Option("no_exact_ternary", bool, "quantize ternary (BitCPM) weights like any others; by default a weight "
                                          "that is ternary with one scale per group is put on the grid exactly"),
     )
@@ -77,16 +75,12 @@ class GPTQFormat(FormatPlugin):
         bits = int(match["bits"])
         group = -1 if match["channel"] else int(match["group"] or DEFAULT_GROUP)
         options = {k: v for k, v in options.items() if v is not False}
-        for key in ("nsamples", "seqlen"):
-            if key in options and options[key] < 1:
-                raise CpmkitError(f"--{key} must be at least 1, got {options[key]}")
+        check_calibration(options)
         GPTQSpec(GroupSpec(bits, group, not options.get("asym")), damp=options.get("damp", 0.01))  # raises
-        if options.get("calib") is not None and options.get("calib_dataset") is not None:
-            raise CpmkitError("give either --calib or --calib-dataset, not both")
         if options.get("order") == "desc" and options.get("layout") == "compressed-tensors":
             raise CpmkitError("compressed-tensors stores no g_idx (since 0.20): --order desc cannot be written "
                               "in it; use --order static")
-        calibration = [k for k in CALIBRATION_OPTIONS if k in options]
+        calibration = [k for k in CALIBRATION_NAMES if k in options]
         if options.get("rtn") and calibration:
             raise CpmkitError(f"--rtn calibrates nothing; --{calibration[0].replace('_', '-')} does not apply")
         name = f"{bits}bit-" + ("channel" if group == -1 else f"g{group}")

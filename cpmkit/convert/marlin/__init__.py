@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from cpmkit.convert.plugin import (
+    CALIBRATION_OPTIONS,
+    DAMP_OPTION,
     ArtifactDescription,
     ConvertContext,
     FormatPlugin,
@@ -21,11 +23,12 @@ from cpmkit.convert.plugin import (
     Location,
     Option,
     Target,
+    check_calibration,
 )
 from cpmkit.errors import CpmkitError
 
 VARIANT = "4bit-g128"
-CALIBRATION_OPTIONS = ("calib", "calib_dataset", "nsamples", "seqlen", "damp")
+CALIBRATION_NAMES = ("calib", "calib_dataset", "nsamples", "seqlen", "damp")
 # CPM.cu takes the quantized path when the model folder's path contains one of these (case-insensitive)
 CPMCU_PATH_KEYWORDS = ("marlin", "gptq", "quant", "awq", "int4", "int8", "w4a16", "qat")
 
@@ -44,28 +47,19 @@ class MarlinFormat(FormatPlugin):
     options = (
         Option("from_gptq", Path, "repack this symmetric 4-bit g128 GPTQ folder instead of quantizing PATH "
                                   "(made from PATH; nothing is re-quantized)"),
-        Option("calib", Path, "calibration text (UTF-8; default: 250 kB of Shakespeare, built in; give text "
-                              "like the model's own use)"),
-        Option("calib_dataset", str, "calibrate on a named dataset's train split instead (wikitext2; needs a "
-                                     "network and `datasets`)"),
-        Option("nsamples", int, "calibration samples (default 128)"),
-        Option("seqlen", int, "tokens per calibration sample (default 512)"),
-        Option("damp", float, "Hessian damping to start from, as a fraction of its mean diagonal (default 0.01)"),
+        *CALIBRATION_OPTIONS,
+        DAMP_OPTION,
     )
 
     def parse_variant(self, variant: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         if variant not in (VARIANT, "4-g128", "4"):
             raise CpmkitError(f"CPM.cu's Marlin is 4-bit in groups of 128: marlin:{VARIANT}")
         if options.get("from_gptq") is not None:
-            given = [k for k in CALIBRATION_OPTIONS if k in options]
+            given = [k for k in CALIBRATION_NAMES if k in options]
             if given:
                 raise CpmkitError(f"--from-gptq repacks without calibrating; --{given[0].replace('_', '-')} does "
                                   "not apply")
-        if options.get("calib") is not None and options.get("calib_dataset") is not None:
-            raise CpmkitError("give either --calib or --calib-dataset, not both")
-        for key in ("nsamples", "seqlen"):
-            if key in options and options[key] < 1:
-                raise CpmkitError(f"--{key} must be at least 1, got {options[key]}")
+        check_calibration(options)
         return VARIANT, options
 
     def capabilities(self, spec, ternary):
