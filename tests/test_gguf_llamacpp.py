@@ -106,6 +106,21 @@ def test_quantized_file_is_llama_quantize(tmp_path_factory, variant, file_type, 
     _check_quantized(ours, ck)
 
 
+@pytest.mark.parametrize("granularity", ["row", "tensor"])
+def test_llama_cpp_runs_ternary_files_with_the_reference_top1(tmp_path_factory, granularity):
+    """BitCPM's ternary linears are exact in TQ1_0 and TQ2_0: llama.cpp's next-token choices are the BF16
+    reference's everywhere (what remains is the Q6_K embedding llama-quantize gives TQ files, and llama.cpp's
+    float16 activations: about 1 % of the logits)."""
+    root = tmp_path_factory.mktemp("llamacpp")
+    ck = checkpoint(root, "bitcpm4", ternary=granularity)
+    ids = _ids(ck)
+    ref = reference_logits(load_reference(ck), ids)
+    for file_type in ("TQ2_0", "TQ1_0"):
+        ours = llama_logits(converted(root, ck, file_type), ids)
+        assert top1_agreement(ours, ref) == 1.0, file_type
+        assert rel_error(ours, ref) <= 2 * FLOAT_REL_TOL, file_type
+
+
 @pytest.mark.parametrize("variant", ["minicpm4", "minicpm5"])  # SentencePiece with added tokens; BPE
 def test_tokenization_matches(tmp_path_factory, variant):
     root = tmp_path_factory.mktemp("llamacpp")
