@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import sys
 import time
@@ -290,8 +291,13 @@ def _print_shelf(result) -> None:
     click.echo(f"HTML report: {result.html}")
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    """SIGTERM cleans up like Ctrl-C: partial outputs are removed on the way out (click reports "Aborted!")."""
+_interrupted = False
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """Ctrl-C and SIGTERM: partial outputs are removed on the way out (click reports "Aborted!")."""
+    global _interrupted
+    _interrupted = True
     raise KeyboardInterrupt
 
 
@@ -300,6 +306,16 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     warnings.formatwarning = _one_line_warning
-    cli(prog_name="cpmkit")
+    try:
+        cli(prog_name="cpmkit")
+    except SystemExit as done:
+        if not _interrupted:
+            raise
+        # interrupted: the outputs are cleaned up by now; leave without joining the threads of a worker pool that
+        # may have been stopped half-way (its workers die with this process)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(done.code if isinstance(done.code, int) else 1)

@@ -159,17 +159,11 @@ class QuantizeWorkers:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        if exc_type is None:
-            pool.shutdown(wait=True)
-            return
-        # interrupted (Ctrl-C, SIGTERM) or failed: nothing more is wanted from the workers, and waiting for them
-        # could block on a pool the interruption left half-way through an operation
-        for process in list((getattr(pool, "_processes", None) or {}).values()):  # the pool keeps no public list
-            process.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            # after an error or an interrupt nothing more is wanted: queued chunks are cancelled and the workers
+            # end after the one in hand, without this thread waiting for them
+            self._pool.shutdown(wait=exc_type is None, cancel_futures=True)
+            self._pool = None
 
     def _processes(self) -> ProcessPoolExecutor:
         if self._pool is None:
