@@ -30,13 +30,37 @@ OnBlock = Callable[[int, dict[str, GroupQuantized], dict[str, torch.Tensor]], No
 LOG_NAME = "quant_log.json"  # cpmkit's record of how the folder was quantized (method, calibration, per-layer)
 
 
+def read_log(folder: Path) -> dict:
+    """cpmkit's log in ``folder`` ({} when there is none, or it is not a JSON object)."""
+    try:
+        log = json.loads((folder / LOG_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return log if isinstance(log, dict) else {}
+
+
 def logged_method(folder: Path) -> str | None:
     """The ``method`` cpmkit's log in ``folder`` records (gptq, rtn, awq), or None without one."""
-    try:
-        method = json.loads((folder / LOG_NAME).read_text()).get("method")
-    except (OSError, ValueError, AttributeError):
-        return None
+    method = read_log(folder).get("method")
     return method if isinstance(method, str) else None
+
+
+def stored_linear_shape(folder: Path, spec, module: str, stored_as: str = "quantized") -> tuple[int, int]:
+    """(N, K) of the model's linear ``module`` that the folder stores ``stored_as``; one CpmkitError line when the
+    model has no such linear."""
+    shape = spec.tensor_shapes().get(f"{module}.weight")
+    if shape is None or len(shape) != 2:
+        raise CpmkitError(f"{folder}: {module} is stored {stored_as} but this {spec.architecture} model has no such "
+                          "linear")
+    return int(shape[0]), int(shape[1])
+
+
+def weight_dtype_of(tensors: dict, scale_suffixes: tuple[str, ...] = ()) -> torch.dtype:
+    """The float dtype of a folder's unquantized tensors (those not ending in ``scale_suffixes``), float32 when
+    they mix dtypes."""
+    floats = {t.dtype for name, t in tensors.items()
+              if t.dtype.is_floating_point and not (scale_suffixes and name.endswith(scale_suffixes))}
+    return floats.pop() if len(floats) == 1 else torch.float32
 
 
 class TensorLayout(Protocol):
@@ -203,9 +227,7 @@ def stored_model_source(folder: Path, spec, tensors: dict, formats: dict, *, dty
     from cpmkit.models.causal_lm import default_linear_factory
     from cpmkit.models.source import ModelSource
 
-    floats = {t.dtype for name, t in tensors.items()
-              if t.dtype.is_floating_point and not (scale_suffixes and name.endswith(scale_suffixes))}
-    weight_dtype = floats.pop() if len(floats) == 1 else torch.float32
+    weight_dtype = weight_dtype_of(tensors, scale_suffixes)
     linear = stored_linear_factory(folder, formats, tensors, default_linear_factory(weight_dtype), backend=backend,
                                    cache_dequantized=cache_dequantized)
 

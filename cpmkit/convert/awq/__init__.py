@@ -9,7 +9,6 @@ folder), ``load`` (any AWQ folder as cpmkit's model). The algorithm is ``cpmkit.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -187,9 +186,6 @@ tokenizer = AutoTokenizer.from_pretrained("{repo}")
 
 
 def _clipped(path: Path) -> bool:
-    from cpmkit.convert.quantized_folder import LOG_NAME
+    from cpmkit.convert.quantized_folder import read_log
 
-    try:
-        return json.loads((path / LOG_NAME).read_text()).get("clip") is True
-    except (OSError, ValueError, AttributeError):
-        return False
+    return read_log(path).get("clip") is True

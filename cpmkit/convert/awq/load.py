@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from cpmkit.convert.gptq.weight import GPTQWeight, gptq_linear
+from cpmkit.convert.quantized_folder import stored_linear_shape, weight_dtype_of
 from cpmkit.errors import CpmkitError
 from cpmkit.formats import awq
 from cpmkit.formats.gptq.pack import pack_qweight, pack_qzeros
@@ -87,13 +88,8 @@ def open_awq(folder: str | Path, *, dtype: torch.dtype = torch.float32, backend:
     shapes = spec.tensor_shapes()
     modules = sorted(n.removesuffix(".qweight") for n in tensors if n.endswith(".qweight"))
     for module in modules:
-        shape = shapes.get(f"{module}.weight")
-        if shape is None or len(shape) != 2:
-            raise CpmkitError(f"{folder}: {module} is stored quantized but this {spec.architecture} model has no such "
-                              "linear")
-        _check(folder, module, config, *shape, tensors)
-    floats = {t.dtype for n, t in tensors.items() if t.dtype.is_floating_point and not n.endswith(".scales")}
-    weight_dtype = floats.pop() if len(floats) == 1 else torch.float32
+        _check(folder, module, config, *stored_linear_shape(folder, spec, module), tensors)
+    weight_dtype = weight_dtype_of(tensors, (".scales",))
     plain = default_linear_factory(weight_dtype)
     quantized = set(modules)
 

@@ -10,7 +10,6 @@ eligibility). The algorithm is ``cpmkit.quant.gptq``; the bit layouts ``cpmkit.f
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -116,7 +115,8 @@ class GPTQFormat(FormatPlugin):
             o.get("calib"), o.get("calib_dataset"), o.get("nsamples", DEFAULT_NSAMPLES),
             o.get("seqlen", DEFAULT_SEQLEN))
         return convert_to_gptq(ck, out, spec=spec, layout=o.get("layout", "gptq"), calibration=calibration,
-                               exact_ternary=not o.get("no_exact_ternary", False), device=ctx.device, overwrite=ctx.overwrite, progress=ctx.progress, log=ctx.log)
+                               exact_ternary=not o.get("no_exact_ternary", False), device=ctx.device,
+                               overwrite=ctx.overwrite, progress=ctx.progress, log=ctx.log)
 
     def detect(self, path: Path) -> bool:
         from cpmkit.convert.gptq.load import WEIGHT_PATTERNS
@@ -249,10 +249,9 @@ def variant_of(config, folder: Path) -> str:
 
 def ternary_exact_count(folder: Path) -> int:
     """How many linears cpmkit's log says were ternary and encoded exactly (0 without a log)."""
-    from cpmkit.convert.quantized_folder import LOG_NAME
+    from cpmkit.convert.quantized_folder import read_log
 
-    try:
-        layers = json.loads((folder / LOG_NAME).read_text()).get("layers", [])
-        return sum(1 for entry in layers if isinstance(entry, dict) and entry.get("method") == "ternary-exact")
-    except (OSError, ValueError, AttributeError):
+    layers = read_log(folder).get("layers")
+    if not isinstance(layers, list):
         return 0
+    return sum(1 for entry in layers if isinstance(entry, dict) and entry.get("method") == "ternary-exact")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from cpmkit.convert.gptq.weight import CT_ZERO, GPTQWeight
-from cpmkit.convert.quantized_folder import stored_model_source
+from cpmkit.convert.quantized_folder import stored_linear_shape, stored_model_source
 from cpmkit.errors import CpmkitError
 from cpmkit.formats.gptq.config import CONFIG, GPTQConfig, read_gptq_config
 from cpmkit.formats.safetensors import StoredTensor, index_folder
@@ -53,15 +53,8 @@ def open_gptq(folder: str | Path, *, dtype: torch.dtype = torch.float32, backend
     model_config = read_json_object(folder / CONFIG, missing="not found; a GPTQ folder holds the model's config")
     spec = read_spec(model_config, str(folder / CONFIG))
     tensors = folder_tensors(folder)
-    shapes = spec.tensor_shapes()
-    formats = {}
-    for module in quantized_modules(config, tensors):
-        shape = shapes.get(f"{module}.weight")
-        if shape is None or len(shape) != 2:
-            raise CpmkitError(f"{folder}: {module} is stored quantized but this {spec.architecture} model has no such "
-                              "linear")
-        formats[module] = weight_format(config, module, shape, tensors)
-
+    formats = {module: weight_format(config, module, stored_linear_shape(folder, spec, module), tensors)
+               for module in quantized_modules(config, tensors)}
     def check(name: str, tensor: torch.Tensor) -> None:
         module, _, buffer = name.rpartition(".")
         if buffer == "g_idx" and module in formats:

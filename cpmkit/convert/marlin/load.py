@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cpmkit.convert.gptq.weight import GPTQWeight, gptq_linear
+from cpmkit.convert.quantized_folder import weight_dtype_of
 from cpmkit.errors import CpmkitError
 from cpmkit.formats import marlin
 from cpmkit.formats.gptq.config import CONFIG
@@ -47,8 +48,7 @@ def open_marlin(folder: str | Path, *, dtype: torch.dtype = torch.float32, backe
     shapes = spec.tensor_shapes()
     _check(folder, spec, tensors)
     scale_dtype = tensors["model.layers.0.self_attn.qkv_proj.scales"].dtype
-    floats = {t.dtype for n, t in tensors.items() if t.dtype.is_floating_point and not n.endswith(".scales")}
-    weight_dtype = floats.pop() if len(floats) == 1 else torch.float32
+    weight_dtype = weight_dtype_of(tensors, (".scales",))
     plain = default_linear_factory(weight_dtype)
 
     def linear(name: str, in_features: int, out_features: int) -> nn.Module:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from cpmkit.convert.quantized_folder import stored_model_source
+from cpmkit.convert.quantized_folder import stored_linear_shape, stored_model_source
 from cpmkit.convert.ternary.weight import TernaryPackWeight
 from cpmkit.errors import CpmkitError
 from cpmkit.formats import ternary
@@ -38,18 +38,9 @@ def open_ternary(folder: str | Path, *, dtype: torch.dtype = torch.float32, back
     config, quantization = read_ternary_config(folder)
     spec = read_spec(config, str(folder / CONFIG))
     tensors = ternary_folder_tensors(folder)
-    shapes = spec.tensor_shapes()
     group = quantization["group_size"]
-    formats = {}
-    for name in tensors:
-        if not name.endswith(PACKED):
-            continue
-        module = name.removesuffix(PACKED)
-        shape = shapes.get(f"{module}.weight")
-        if shape is None or len(shape) != 2:
-            raise CpmkitError(f"{folder}: {module} is stored ternary but this {spec.architecture} model has no such "
-                              "linear")
-        formats[module] = TernaryPackWeight((int(shape[0]), int(shape[1])), group)
+    formats = {module: TernaryPackWeight(stored_linear_shape(folder, spec, module, "ternary"), group)
+               for module in (name.removesuffix(PACKED) for name in tensors if name.endswith(PACKED))}
 
     def check(name: str, tensor: torch.Tensor) -> None:
         # a 2-bit field is 3 when both its bits are set
