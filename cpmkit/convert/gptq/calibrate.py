@@ -96,18 +96,22 @@ class GPTQBlocks:
         results: dict[str, GroupQuantized] = {}
         start = time.perf_counter()
         for stage in self.stages:
-            hessians = {name: Hessian(block.get_submodule(name).in_features) for name in stage}
+            todo = []
+            for name in stage:  # exact ternary weights need no calibration: no Hessian, no pass for them
+                exact = self._exact(block.get_submodule(name).weight)
+                if exact is None:
+                    todo.append(name)
+                    continue
+                results[name] = exact
+                self.layers.append(LayerLog(f"model.layers.{index}.{name}", 0.0, 0.0, 0.0, 0, 0, "ternary-exact"))
+            if not todo:
+                continue
+            hessians = {name: Hessian(block.get_submodule(name).in_features) for name in todo}
             run({name: h.add for name, h in hessians.items()})
-            for name in stage:
+            for name in todo:
                 module = block.get_submodule(name)
                 full = f"model.layers.{index}.{name}"
                 tokens = hessians[name].tokens
-                exact = ternary_as_groups(module.weight, self.spec.group) if self.exact_ternary else None
-                if exact is not None:
-                    del hessians[name]
-                    results[name] = exact
-                    self.layers.append(LayerLog(full, 0.0, 0.0, 0.0, 0, tokens, "ternary-exact"))
-                    continue
                 if tokens == 0:  # an expert no calibration token was routed to: plain rounding
                     self.log(f"{full}: no calibration token reached it; quantized to nearest")
                     hessians[name].add(torch.eye(module.in_features))
@@ -122,6 +126,9 @@ class GPTQBlocks:
         worst = max(self.layers[-len(results):], key=lambda entry: entry.loss)
         self.log(f"block {index}: {len(results)} linears quantized in {time.perf_counter() - start:.1f} s "
                  f"(largest loss {worst.loss:.4g}, {worst.name})")
+
+    def _exact(self, weight: torch.Tensor) -> GroupQuantized | None:
+        return ternary_as_groups(weight, self.spec.group) if self.exact_ternary else None
 
     def _record(self, name: str, result: GPTQResult, tokens: int) -> None:
         self.layers.append(LayerLog(name, result.loss, result.damp, result.seconds, result.dead_columns, tokens))
