@@ -130,8 +130,8 @@ def _chunk_sum(dot, x_sum, scale, offset, STEP: tl.constexpr):
 
 
 @triton.jit
-def _store(out_ptr, ws_ptr, count_ptr, acc, row: tl.constexpr, M, N, offs_n, mask_n, pid_n, pid_k,
-           SPLIT_K: tl.constexpr):
+def _store(out_ptr, ws_ptr, acc, row: tl.constexpr, M, N, offs_n, mask_n, pid_k, SPLIT_K: tl.constexpr):
+    """Row ``row`` of the result: the output itself, or this split's slice of the partial sums."""
     here = row * N + offs_n
     mask = mask_n & ((offs_n * 0 + row) < M)
     if SPLIT_K == 1:
@@ -225,12 +225,12 @@ def stream_kernel(
             acc2 += _chunk_sum(dot2, _x_sum(x_ptr, 2, stride_xm, M, k0, CHUNK, X_PAIRS), scale, offset, STEP)
             acc3 += _chunk_sum(dot3, _x_sum(x_ptr, 3, stride_xm, M, k0, CHUNK, X_PAIRS), scale, offset, STEP)
 
-    _store(out_ptr, ws_ptr, count_ptr, acc0, 0, M, N, offs_n, mask_n, pid_n, pid_k, SPLIT_K)
+    _store(out_ptr, ws_ptr, acc0, 0, M, N, offs_n, mask_n, pid_k, SPLIT_K)
     if BLOCK_M > 1:
-        _store(out_ptr, ws_ptr, count_ptr, acc1, 1, M, N, offs_n, mask_n, pid_n, pid_k, SPLIT_K)
+        _store(out_ptr, ws_ptr, acc1, 1, M, N, offs_n, mask_n, pid_k, SPLIT_K)
     if BLOCK_M > 2:
-        _store(out_ptr, ws_ptr, count_ptr, acc2, 2, M, N, offs_n, mask_n, pid_n, pid_k, SPLIT_K)
-        _store(out_ptr, ws_ptr, count_ptr, acc3, 3, M, N, offs_n, mask_n, pid_n, pid_k, SPLIT_K)
+        _store(out_ptr, ws_ptr, acc2, 2, M, N, offs_n, mask_n, pid_k, SPLIT_K)
+        _store(out_ptr, ws_ptr, acc3, 3, M, N, offs_n, mask_n, pid_k, SPLIT_K)
     if SPLIT_K > 1:
         arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:  # the last split: sum every slice, in split order
