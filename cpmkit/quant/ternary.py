@@ -94,6 +94,8 @@ def exact_ternary(weight: torch.Tensor, group: int | None) -> TernaryWeight | No
     """``weight`` [N, K] as codes and one scale per row (``group`` None) or per ``group`` weights, such that
     ``(codes - 1) * scale`` gives every value back bit for bit in the weight's dtype (signed zeros aside); None
     when it does not (magnitudes differing inside a group, even by a rounding step)."""
+    if weight.shape[0] > 1 and exact_ternary(weight[:1], group) is None:
+        return None  # the first row settles it for ordinary weights, which every converter asks about
     w = _grouped(weight, group)
     scales = w.abs().amax(dim=2)  # [N, G], the stored dtype: one of the magnitudes itself
     trits = torch.sign(w).to(torch.int8)
