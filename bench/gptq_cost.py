@@ -37,8 +37,8 @@ def measure(work: Path, name: str, target: str, nsamples: int, seqlen: int) -> N
     blocks = [float(m[2]) for m in BLOCK_LINE.finditer(log.read_text())]
     params = sum(os.path.getsize(f) for f in ck.glob("*.safetensors")) / 2 / 1e9  # bf16
     per_block = sum(blocks) / len(blocks)
-    print(f"{name} {target}: {params:.2f} B parameters, {len(blocks)} blocks, {nsamples} x {seqlen} tokens: {seconds:.0f} s, "
-          f"{per_block:.1f} s per block (min {min(blocks):.1f}, max {max(blocks):.1f}), peak {peak:.2f} GiB",
+    print(f"{name} {target}: {params:.2f} B parameters, {len(blocks)} blocks, {nsamples} x {seqlen} tokens: "
+          f"{seconds:.0f} s, {per_block:.1f} s per block (min {min(blocks):.1f}, max {max(blocks):.1f}), peak {peak:.2f} GiB",
           flush=True)
 
 

@@ -67,9 +67,11 @@ def main() -> None:
         with torch.no_grad():
             ours = model(ids).float()
         out = args.work / f"{name}-gptqmodel.pt"
-        subprocess.run([args.gptqmodel_python, str(ROOT / "bench" / "gptqmodel_logits.py"),
-                        str(twin(folder, args.work / f"{name}-granite")), str(args.work / "ids.pt"),
-                        str(out), "--backend", BACKENDS[target.format]], check=True, stdout=subprocess.DEVNULL, stderr=open(args.work / "gptqmodel.log", "a"))
+        with open(args.work / "gptqmodel.log", "a") as log:
+            subprocess.run([args.gptqmodel_python, str(ROOT / "bench" / "gptqmodel_logits.py"),
+                            str(twin(folder, args.work / f"{name}-granite")), str(args.work / "ids.pt"),
+                            str(out), "--backend", BACKENDS[target.format]], check=True, stdout=subprocess.DEVNULL,
+                           stderr=log)
         got = torch.load(out, weights_only=True)
         theirs = got["logits"]
         worst = 0.0

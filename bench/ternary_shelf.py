@@ -99,8 +99,8 @@ def main() -> None:
     source = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
     print(f"| BF16 checkpoint | {source / 2**20:.1f} | 16.00 | 0 | 1 |")
     for a in report["artifacts"]:
-        print(f"| {a['name']} | {a['file_size_bytes'] / 2**20:.1f} | {a['bits_per_weight']:.2f} | {a['kld']['mean']:.2e} | "
-              f"{a['top1_agreement']:.4f} |")
+        print(f"| {a['name']} | {a['file_size_bytes'] / 2**20:.1f} | {a['bits_per_weight']:.2f} | "
+              f"{a['kld']['mean']:.2e} | {a['top1_agreement']:.4f} |")
 
 
 if __name__ == "__main__":

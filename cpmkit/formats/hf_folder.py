@@ -1,9 +1,10 @@
 """Conventions of a Hugging Face model folder that every folder format shares: which tokenizer and
 generation files travel with the weights (copied verbatim: re-saving through transformers rewrites them), the
-license keys of the source's model card, and the card's front matter."""
+license keys of the source's model card, the card's front matter, and the config of a quantized folder."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -23,6 +24,16 @@ MODELING_GLOBS = ("configuration_*.py", "modeling_*.py")
 CARD_NAME = "README.md"
 # Keys of a source card's front matter carried over to ours.
 LICENSE_KEYS = ("license", "license_name", "license_link")
+SAFETENSORS_METADATA = {"format": "pt"}  # the header metadata transformers expects of a PyTorch model's shards
+# a source's own quantization settings, which a re-quantized folder's must replace, not sit beside
+SOURCE_QUANTIZATION_KEYS = ("quantization_config", "compression_config")
+
+
+def write_quantized_config(folder: Path, source_config: dict, quantization: dict) -> None:
+    """``folder``'s config.json: the source's config with ``quantization`` as its ``quantization_config``."""
+    config = {k: v for k, v in source_config.items() if k not in SOURCE_QUANTIZATION_KEYS}
+    config["quantization_config"] = quantization
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def has_tokenizer(source: Path) -> bool:

@@ -75,8 +75,9 @@ class ScaleResult:
     loss_unscaled: float  # the loss of plain rounding, for the log
 
 
-def search_scale(x_mean: torch.Tensor, weights: Sequence[torch.Tensor], set_weights: Callable[[list[torch.Tensor]], None],
-                 output_error: Callable[[], float], spec: AWQSpec) -> ScaleResult:
+def search_scale(x_mean: torch.Tensor, weights: Sequence[torch.Tensor],
+                 set_weights: Callable[[list[torch.Tensor]], None], output_error: Callable[[], float],
+                 spec: AWQSpec) -> ScaleResult:
     """The best per-input-channel scale for the linears holding ``weights`` (float32 [N_i, K]).
     ``set_weights(ws)`` puts candidate weights in place; ``output_error()`` is the mean squared error of the
     inspected module's output against its unquantized output. The original weights are put back."""

@@ -1,8 +1,8 @@
 """The AWQ block visitor: per decoder block, one pass over the calibration samples captures each scaling
 group's input (the input of the module its loss is measured on: attention, MLP, or the linear), the scales of
 every group are searched on the unmodified block (as AutoAWQ does), then applied (the inverse folded into the
-norm or linear before), the weights clipped (with ``clip``), and every linear rounded to the asymmetric group grid. The block
-then holds the dequantized weights, so the next block sees the quantized block's outputs.
+norm or linear before), the weights clipped (with ``clip``), and every linear rounded to the asymmetric group
+grid. The block then holds the dequantized weights, so the next block sees the quantized block's outputs.
 
 Captured inputs are kept for the search up to ``SEARCH_BYTES`` per group (whole samples; ``x_mean`` always
 counts every token): all 128 x 512 samples for inputs up to 4096 wide, 16,384 tokens of an 8B model's

@@ -39,9 +39,7 @@ from cpmkit.models.stages import awq_groups, quantized_linears
 from cpmkit.models.streamed import StreamedRunner
 from cpmkit.quant.awq import AWQSpec
 
-METADATA = {"format": "pt"}
 LAYOUTS = ("gemm", "gemv", "compressed-tensors")
-DROPPED_CONFIG_KEYS = ("quantization_config", "compression_config")
 
 
 def convert_to_awq(ck: Checkpoint, out: Path, *, spec: AWQSpec, layout: str, calibration: Calibration,
@@ -67,15 +65,13 @@ def convert_to_awq(ck: Checkpoint, out: Path, *, spec: AWQSpec, layout: str, cal
         runner.calibrate(tokens, visitor)
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        write_blocks(ck, tmp, tensor_layout, METADATA, quantize)
+        write_blocks(ck, tmp, tensor_layout, hf.SAFETENSORS_METADATA, quantize)
         if layout == "compressed-tensors":
             quantization = compressed_tensors_config(bits=g.bits, group_size=g.group_size, sym=False,
                                                      ignore=["lm_head"], actorder=None)
         else:
             quantization = awq_quantization_config(group_size=g.group_size, version=layout)
-        config = {k: v for k, v in ck.config.items() if k not in DROPPED_CONFIG_KEYS}
-        config["quantization_config"] = quantization
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        hf.write_quantized_config(tmp, ck.config, quantization)
         hf.copy_source_files(ck.root, tmp)
         hf.copy_modeling_files(ck.root, tmp)
         log_data = {"quantizer": f"cpmkit {__version__}", "method": "awq", "clip": spec.clip,

@@ -50,9 +50,7 @@ from cpmkit.quant.gptq import GPTQSpec
 from cpmkit.quant.groups import round_to_nearest
 from cpmkit.quant.ternary import ternary_as_groups
 
-METADATA = {"format": "pt"}
 LAYOUTS = ("gptq", "compressed-tensors")
-DROPPED_CONFIG_KEYS = ("quantization_config", "compression_config")
 
 
 def convert_to_gptq(ck: Checkpoint, out: Path, *, spec: GPTQSpec, layout: str, calibration: Calibration | None,
@@ -85,7 +83,7 @@ def convert_to_gptq(ck: Checkpoint, out: Path, *, spec: GPTQSpec, layout: str, c
         layers.extend(entry.as_json() for entry in blocks.layers)
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        write_blocks(ck, tmp, tensor_layout, METADATA, quantize)
+        write_blocks(ck, tmp, tensor_layout, hf.SAFETENSORS_METADATA, quantize)
         _write_config(ck, tmp, spec, layout)
         hf.copy_source_files(ck.root, tmp)
         hf.copy_modeling_files(ck.root, tmp)
@@ -126,6 +124,4 @@ def _write_config(ck: Checkpoint, folder: Path, spec: GPTQSpec, layout: str) -> 
     else:
         quantization = compressed_tensors_config(bits=g.bits, group_size=g.group_size, sym=g.sym, ignore=["lm_head"],
                                                  actorder="static" if spec.act_order and spec.static_groups else None)
-    config = {k: v for k, v in ck.config.items() if k not in DROPPED_CONFIG_KEYS}
-    config["quantization_config"] = quantization
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    hf.write_quantized_config(folder, ck.config, quantization)

@@ -33,7 +33,6 @@ from cpmkit.formats.safetensors import StoredTensor, StreamingWriter
 from cpmkit.quant.gptq import DEFAULT_DAMP, GPTQSpec
 from cpmkit.quant.groups import GroupSpec
 
-METADATA = {"format": "pt"}
 SYM_ZERO = 8  # a symmetric 4-bit code's zero: Marlin's uint4b8
 
 
@@ -71,7 +70,8 @@ def repack_gptq(folder: Path, out: Path, ck: Checkpoint | None = None, *, overwr
         raise CpmkitError(f"{folder}: lm_head is quantized; CPM.cu's converter asserts lm_head == False")
     plan = _plan(spec, tensors, folder, config.v1)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        with StreamingWriter(tmp / marlin.WEIGHTS_FILE, [(n, d, s) for n, d, s, _ in plan], METADATA) as writer:
+        slots = [(n, d, s) for n, d, s, _ in plan]
+        with StreamingWriter(tmp / marlin.WEIGHTS_FILE, slots, hf.SAFETENSORS_METADATA) as writer:
             for name, _, _, make in progress(plan):
                 writer.write(name, make())
         shutil.copyfile(folder / CONFIG, tmp / CONFIG)  # unchanged, as gptq2marlin copies it

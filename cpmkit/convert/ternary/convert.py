@@ -32,9 +32,6 @@ from cpmkit.quant.ternary import (
     exact_ternary,
 )
 
-METADATA = {"format": "pt"}
-DROPPED_CONFIG_KEYS = ("quantization_config", "compression_config")
-
 
 def shared_granularity(ck: Checkpoint, names: list[str], progress=iter) -> TernaryGranularity:
     """The granularity every linear in ``names`` is ternary at; one CpmkitError line naming the first that is
@@ -76,7 +73,7 @@ def convert_to_ternary(ck: Checkpoint, out: Path, *, absmean_group: int | None =
         else:
             slots.append(TensorSlot(name, ref.dtype, ref.shape, math.prod(ref.shape)))
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        with ShardedWriter(tmp, slots, METADATA) as writer:
+        with ShardedWriter(tmp, slots, hf.SAFETENSORS_METADATA) as writer:
             for name, tensor in progress(ck.stream()):
                 if name not in quantized:
                     writer.write(name, tensor)
@@ -88,10 +85,8 @@ def convert_to_ternary(ck: Checkpoint, out: Path, *, absmean_group: int | None =
                 module = name.removesuffix(".weight")
                 writer.write(f"{module}.weight_packed", ternary.pack_codes(packed.codes))
                 writer.write(f"{module}.weight_scale", packed.scales)
-        config = {k: v for k, v in ck.config.items() if k not in DROPPED_CONFIG_KEYS}
-        config["quantization_config"] = ternary.ternary_quantization_config(
-            -1 if group is None else group, granularity, "absmean" if absmean else "exact", ["lm_head"])
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        hf.write_quantized_config(tmp, ck.config, ternary.ternary_quantization_config(
+            -1 if group is None else group, granularity, "absmean" if absmean else "exact", ["lm_head"]))
         hf.copy_source_files(ck.root, tmp)
         (tmp / LOG_NAME).write_text(json.dumps({"quantizer": f"cpmkit {__version__}", "method": "ternary",
                                                 "granularity": granularity}, indent=2) + "\n")
