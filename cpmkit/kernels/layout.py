@@ -176,5 +176,20 @@ def pack_affine(chunks, layout: AffineLayout, n: int, k: int, perm: torch.Tensor
                         **{f: out.get(f) for f in ("lo", "hi", "d", "m", "sub_d", "sub_m")})
 
 
+CHANNEL_BLOCK = 256
+
+
+def scale_block(group_size: int, k: int) -> int:
+    """The layout's block for scales in groups of ``group_size`` (-1: one per row of ``k``): the group itself,
+    or for a per-row scale the largest power of two up to CHANNEL_BLOCK dividing K, the row's scale repeated over
+    such blocks (the same values in a shape the kernels tile)."""
+    if group_size != -1:
+        return group_size
+    block = CHANNEL_BLOCK
+    while k % block:
+        block //= 2
+    return block
+
+
 def rows_per_chunk(k: int) -> int:
     return max(1, CHUNK_ELEMENTS // k)

@@ -6,7 +6,7 @@ For the kernels, a constant zero point (every symmetric checkpoint: ``2**(bits-1
 constant; per-group zeros become the additive term ``-zero * scale``. Act-order weights (``g_idx`` not
 ``k // group``) are sorted by group once at load, and the input features are gathered in the same order at
 every call (``PackedWeight.perm``, as vLLM's Marlin path sorts them). A per-channel scale (group -1) is
-repeated over blocks of up to ``CHANNEL_BLOCK`` features, the same values in a layout the kernels tile.
+repeated over blocks of up to ``layout.CHANNEL_BLOCK`` features, the same values in a layout the kernels tile.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from cpmkit.kernels.layout import (
     PackedWeight,
     pack_affine,
     rows_per_chunk,
+    scale_block,
 )
 
 PLANES = {2: (2, 0), 3: (2, 1), 4: (4, 0), 8: (8, 0)}
-CHANNEL_BLOCK = 256
 GPTQ_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")
 CT_BUFFERS = ("weight_packed", "weight_scale", "weight_shape")
 CT_ZERO = "weight_zero_point"
@@ -132,11 +132,7 @@ class GPTQWeight:
             if not torch.equal(g_idx[perm], torch.arange(k, device=g_idx.device) // size):
                 raise CpmkitError(f"{name}: g_idx does not put {size} features in every group; cpmkit's kernels "
                                   "cannot run it (the torch path can)")
-        block = size
-        if self.group_size == -1:
-            block = CHANNEL_BLOCK
-            while k % block:
-                block //= 2
+        block = scale_block(self.group_size, k)
         zeros = self.zeros(*buffers)
         constant = int(zeros.flatten()[0])
         uniform = bool((zeros == constant).all())

@@ -1,7 +1,7 @@
 """A ternary-pack linear as a ``cpmkit.kernels.QuantLinear`` weight: the stored ``weight_packed`` and
 ``weight_scale`` decoded by ``cpmkit.formats.ternary`` on the torch path, repacked for Triton into the kernels'
 affine layout as 2-bit codes with the constant zero 1 and the scale per group (a per-row scale repeated over
-blocks of up to ``CHANNEL_BLOCK`` features, the same values in a layout the kernels tile).
+blocks of up to ``layout.CHANNEL_BLOCK`` features, the same values in a layout the kernels tile).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from cpmkit.kernels.layout import (
     PackedWeight,
     pack_affine,
     rows_per_chunk,
+    scale_block,
 )
 
-CHANNEL_BLOCK = 256
 BUFFERS = ("weight_packed", "weight_scale")
 
 
@@ -61,11 +61,7 @@ class TernaryPackWeight:
 
     def pack(self, packed: torch.Tensor, scale: torch.Tensor, name: str) -> PackedWeight:
         n, k = self.shape
-        block = self.group_size
-        if block == -1:
-            block = CHANNEL_BLOCK
-            while k % block:
-                block //= 2
+        block = scale_block(self.group_size, k)
         size = k if self.group_size == -1 else self.group_size
         lay = AffineLayout(lo_bits=2, hi_bits=0, zero=1, block=block, sub_block=block, has_m=False)
 
