@@ -41,7 +41,7 @@ def shared_granularity(ck: Checkpoint, names: list[str], progress=iter) -> Terna
         report = detect_ternary(tensor)
         if report is None:
             raise CpmkitError(f"{ck.root}: {name} is not ternary (its values are not s x {{-1, 0, +1}} at any "
-                              "granularity); --absmean makes any checkpoint ternary, with a loss")
+                              "granularity); --to ternary:absmean makes any checkpoint ternary, with a loss")
         reports.append(report)
     return coarsest_common(reports)
 
