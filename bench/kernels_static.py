@@ -51,7 +51,8 @@ def formats() -> dict[str, tuple[AffineLayout, str, str]]:
         "gptq 4bit-g128": (AffineLayout(4, 0, 8, 128, 128, False), "*fp16", "*u8"),  # Marlin loads as this
         "gptq 3bit-g128": (AffineLayout(2, 1, 4, 128, 128, False), "*fp16", "*u8"),
         "awq 4bit-g128": (AffineLayout(4, 0, 0, 128, 128, True), "*fp16", "*u8"),
-        "ternary row": (AffineLayout(2, 0, 1, 256, 256, False), "*bf16", "*u8"),
+        "ternary row": (AffineLayout(2, 0, 1, 256, 256, False, channel=True), "*bf16", "*u8"),
+        "ternary g128": (AffineLayout(2, 0, 1, 128, 128, False), "*bf16", "*u8"),
     }
 
 

@@ -20,6 +20,7 @@ from cpmkit.kernels.dispatch import GEMV_MAX_M, Strategy, choose_strategy
 from cpmkit.kernels.gemm_tiled import GemmConfig, gemm, reference_gemm
 from cpmkit.kernels.gemv_splitk import GemvConfig, gemv, reference_gemv
 from cpmkit.kernels.gemv_stream import StreamConfig, stream_gemv, supports
+from cpmkit.kernels.layout import AffineCodes, AffineLayout, pack_affine
 
 # Tiles smaller than the shapes on purpose: 2 column tiles (the second ragged), 2-way split-K, K tiles
 # both smaller than a 256 super-block and larger than a 32 block.
@@ -52,6 +53,34 @@ def test_kernel_matches_independent_decoder(case, strategy, m, dtype):
     y = RUNS[strategy](x.to(DEVICE), linear.to(DEVICE).packed()).cpu()
     assert y.dtype == dtype and y.shape == (m, N)
     assert_within(y, x.float() @ oracle.T, *TOLERANCES[strategy, dtype])
+
+
+CHANNEL_LAYOUTS = {  # per-output-channel d (and m) applied after the K sum
+    "ternary-row": AffineLayout(2, 0, 1, 256, 256, False, channel=True),
+    "gptq-4bit-asym-row": AffineLayout(4, 0, 0, 256, 256, True, channel=True),
+    "gptq-3bit-row": AffineLayout(2, 1, 4, 128, 128, False, channel=True),
+}
+
+
+@pytest.mark.parametrize("name", CHANNEL_LAYOUTS)
+@pytest.mark.parametrize("strategy,m,dtype", [
+    (Strategy.STREAM, 1, torch.bfloat16), (Strategy.STREAM, 3, torch.float32), (Strategy.GEMV, 3, torch.float32),
+    (Strategy.GEMM, 17, torch.bfloat16), (Strategy.GEMM, 17, torch.float32),
+])
+def test_channel_scales_after_the_k_sum(name, strategy, m, dtype):
+    lay = CHANNEL_LAYOUTS[name]
+    gen = torch.Generator().manual_seed(len(name))
+    codes = torch.randint(0, 3 if lay.bits == 2 else 1 << lay.bits, (N, K), dtype=torch.uint8, generator=gen)
+    d = (0.01 + 0.05 * torch.rand(N, 1, generator=gen)).to(torch.bfloat16)
+    mm = (torch.randn(N, 1, generator=gen) * 0.1).to(torch.bfloat16) if lay.has_m else None
+    w = pack_affine([(0, AffineCodes(lay, codes, d, mm, None, None))], lay, N, K)
+    assert w.d.shape == (1, N)
+    oracle = d.float() * (codes.float() - lay.zero) + (0 if mm is None else mm.float())
+    x = torch.randn(m, K, generator=gen).to(dtype)
+    y = RUNS[strategy](x.to(DEVICE), w).cpu()
+    # the MMA operand is q - zero itself (exact in bf16): no weight rounding, unlike grouped layouts
+    rtol, atol = TOLERANCES[strategy, dtype] if strategy != Strategy.GEMM else (2**-7, 1e-4)
+    assert_within(y, x.float() @ oracle.T, rtol, atol)
 
 
 @pytest.mark.parametrize("m", [1, 3, 8])
@@ -88,7 +117,7 @@ def test_custom_ops_have_working_fakes(op):
     w = make_linear("gguf-Q4_0")[0].packed()
     with FakeTensorMode(allow_non_fake_inputs=True):
         x = torch.empty(5, K, dtype=torch.bfloat16)
-        args = [x, w.lo, w.hi, w.d, w.m, w.sub_d, w.sub_m, 4, 0, 8, 32, 32, False]
+        args = [x, w.lo, w.hi, w.d, w.m, w.sub_d, w.sub_m, 4, 0, 8, 32, 32, False, False]
         tiles = [32, 64, 1, 4, 2] if op == "dequant_gemv" else [16, 32, 64, 1, 8, 4, 3]
         y = getattr(torch.ops.cpmkit, op)(*args, *tiles)
     assert y.shape == (5, N) and y.dtype == torch.bfloat16
@@ -101,7 +130,7 @@ def test_custom_ops_compute_what_the_eager_launch_does(op):
     x = torch.randn(5, K, generator=torch.Generator().manual_seed(13)).to(DEVICE)
     lay = w.layout
     args = [x, w.lo, w.hi, w.d, w.m, w.sub_d, w.sub_m, lay.lo_bits, lay.hi_bits, lay.zero, lay.block,
-            lay.sub_block, lay.has_m]
+            lay.sub_block, lay.has_m, lay.channel]
     if op == "dequant_gemv":
         eager, tiles = gemv(x, w, GEMV_TILES), [32, 64, 2, 4, 2]
     else:

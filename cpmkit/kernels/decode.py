@@ -11,6 +11,9 @@ BLOCK_N]`` and merged into ``[BLOCK_K, BLOCK_N]``; scales as one row per group i
 along K the same way. Requirements (checked by the host): ``BLOCK_K`` a power of two, a multiple of 32
 and a divisor of K, so a tile never straddles a word and either holds whole groups or lies inside one.
 Every packed tensor is ``[rows, N]`` contiguous, so one row stride (N) serves them all.
+
+A ``CHANNEL`` layout's tile is ``q - ZERO`` alone; the kernel sums it against x and :func:`channel_epilogue`
+applies the per-channel ``d`` (and ``m`` times the sum of x) once at the end.
 """
 
 from __future__ import annotations
@@ -61,15 +64,17 @@ def decode_tile(
     N, k0, offs_n, mask_n,
     # layout (AffineLayout)
     LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, ZERO: tl.constexpr,
-    BLOCK: tl.constexpr, SUB_BLOCK: tl.constexpr, HAS_M: tl.constexpr,
+    BLOCK: tl.constexpr, SUB_BLOCK: tl.constexpr, HAS_M: tl.constexpr, CHANNEL: tl.constexpr,
     # tile
     BLOCK_K: tl.constexpr,
 ):
     """float32 ``[BLOCK_K, BLOCK_N]``: ``scale * q + offset`` with per-sub-block ``scale = d * sub_d``
-    and ``offset = m * sub_m - ZERO * scale``."""
+    and ``offset = m * sub_m - ZERO * scale``; for a CHANNEL layout ``q - ZERO``."""
     q = _load_plane(lo_ptr, N, k0, offs_n, mask_n, LO_BITS, BLOCK_K)
     if HI_BITS > 0:
         q = q | (_load_plane(hi_ptr, N, k0, offs_n, mask_n, HI_BITS, BLOCK_K) << LO_BITS)
+    if CHANNEL:
+        return q.to(tl.float32) - ZERO
 
     N_SUB: tl.constexpr = (BLOCK_K + SUB_BLOCK - 1) // SUB_BLOCK  # sub-blocks in the tile (>= 1)
     scale = _load_groups(d_ptr, N, k0, offs_n, mask_n, BLOCK, BLOCK_K, N_SUB)
@@ -83,3 +88,15 @@ def decode_tile(
         offset = offset + m
     FACTOR: tl.constexpr = BLOCK_K // N_SUB
     return q.to(tl.float32) * _repeat_rows(scale, FACTOR) + _repeat_rows(offset, FACTOR)
+
+
+@triton.jit
+def channel_epilogue(acc, x_sum, d_ptr, m_ptr, offs_n, mask_n, HAS_M: tl.constexpr):
+    """``acc [BLOCK_M, BLOCK_N]`` (sums of x times ``q - ZERO``) scaled per output channel, plus ``m`` times
+    ``x_sum [BLOCK_M]`` (the rows' sums of x over the same K) when the layout has m."""
+    d = tl.load(d_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)
+    out = acc * d[None, :]
+    if HAS_M:
+        m = tl.load(m_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)
+        out = out + x_sum[:, None] * m[None, :]
+    return out

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cpmkit.kernels.decode import decode_tile
+from cpmkit.kernels.decode import channel_epilogue, decode_tile
 from cpmkit.kernels.layout import AffineLayout, PackedWeight
 
 MAX_M = 16  # rows of x a program holds; dispatch sends larger batches to the tiled GEMM
@@ -60,7 +60,7 @@ def gemv_kernel(
     lo_ptr, hi_ptr, d_ptr, m_ptr, sub_d_ptr, sub_m_ptr,
     # layout (AffineLayout)
     LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, ZERO: tl.constexpr,
-    BLOCK: tl.constexpr, SUB_BLOCK: tl.constexpr, HAS_M: tl.constexpr,
+    BLOCK: tl.constexpr, SUB_BLOCK: tl.constexpr, HAS_M: tl.constexpr, CHANNEL: tl.constexpr,
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -76,13 +76,18 @@ def gemv_kernel(
     per_split = tl.cdiv(n_tiles, SPLIT_K)
     t_end = tl.minimum(per_split * (pid_k + 1), n_tiles)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # only for a CHANNEL layout with m
     for t in range(pid_k * per_split, t_end):
         k0 = t * BLOCK_K
         w = decode_tile(lo_ptr, hi_ptr, d_ptr, m_ptr, sub_d_ptr, sub_m_ptr, N, k0, offs_n, mask_n,
-                        LO_BITS, HI_BITS, ZERO, BLOCK, SUB_BLOCK, HAS_M, BLOCK_K)  # [BLOCK_K, BLOCK_N]
+                        LO_BITS, HI_BITS, ZERO, BLOCK, SUB_BLOCK, HAS_M, CHANNEL, BLOCK_K)  # [BLOCK_K, BLOCK_N]
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0)
         x = x.to(tl.float32)  # [BLOCK_M, BLOCK_K]
         acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
+        if CHANNEL and HAS_M:
+            x_sum += tl.sum(x, axis=1)
+    if CHANNEL:
+        acc = channel_epilogue(acc, x_sum, d_ptr, m_ptr, offs_n, mask_n, HAS_M)
 
     out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -100,7 +105,7 @@ def _launch(x: torch.Tensor, w: PackedWeight, cfg: GemvConfig) -> torch.Tensor:
     gemv_kernel[grid](
         x, out, m, w.n, k, x.stride(0),
         w.lo, w.hi, w.d, w.m, w.sub_d, w.sub_m,
-        lay.lo_bits, lay.hi_bits, lay.zero, lay.block, lay.sub_block, lay.has_m,
+        lay.lo_bits, lay.hi_bits, lay.zero, lay.block, lay.sub_block, lay.has_m, lay.channel,
         triton.next_power_of_2(m), cfg.block_n, cfg.block_k, cfg.split_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -112,10 +117,10 @@ def dequant_gemv(
     x: torch.Tensor,
     lo: torch.Tensor, hi: Optional[torch.Tensor], d: torch.Tensor, m: Optional[torch.Tensor],
     sub_d: Optional[torch.Tensor], sub_m: Optional[torch.Tensor],
-    lo_bits: int, hi_bits: int, zero: int, block: int, sub_block: int, has_m: bool,
+    lo_bits: int, hi_bits: int, zero: int, block: int, sub_block: int, has_m: bool, channel: bool,
     block_n: int, block_k: int, split_k: int, num_warps: int, num_stages: int,
 ) -> torch.Tensor:
-    layout = AffineLayout(lo_bits, hi_bits, zero, block, sub_block, has_m)
+    layout = AffineLayout(lo_bits, hi_bits, zero, block, sub_block, has_m, channel)
     w = PackedWeight(layout, lo.shape[1], x.shape[1], lo, hi, d, m, sub_d, sub_m)
     return _launch(x, w, GemvConfig(block_n, block_k, split_k, num_warps, num_stages))
 
@@ -133,5 +138,5 @@ def gemv(x: torch.Tensor, w: PackedWeight, cfg: GemvConfig) -> torch.Tensor:
         return _launch(x, w, cfg)
     lay = w.layout
     return dequant_gemv(x, w.lo, w.hi, w.d, w.m, w.sub_d, w.sub_m,
-                        lay.lo_bits, lay.hi_bits, lay.zero, lay.block, lay.sub_block, lay.has_m,
+                        lay.lo_bits, lay.hi_bits, lay.zero, lay.block, lay.sub_block, lay.has_m, lay.channel,
                         cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages)

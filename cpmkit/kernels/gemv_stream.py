@@ -14,7 +14,8 @@ trick)::
 
     sum_k x_k (scale q_k + offset) = scale 2**bits sum_k x_k f_k + (offset - scale 2**bits) sum_k x_k
 
-so each weight costs a shift, a LOP3 and an FFMA. Split-K partials are summed in the kernel: each split stores
+so each weight costs a shift, a LOP3 and an FFMA. A per-channel (``channel``) layout loads no scale in the loop:
+its ``d`` and ``m`` multiply the row's sums once at the end. Split-K partials are summed in the kernel: each split stores
 its slice in float32, and the split that finishes last (an acq_rel counter per column block) adds the slices
 in split order, so results do not depend on timing.
 """
@@ -130,6 +131,15 @@ def _chunk_sum(dot, x_sum, scale, offset, STEP: tl.constexpr):
 
 
 @triton.jit
+def _channel(acc, x_sum, d_ptr, m_ptr, offs_n, mask_n, HAS_M: tl.constexpr):
+    """A CHANNEL layout's epilogue for one row: ``d * acc + m * x_sum`` per output channel."""
+    out = acc * tl.load(d_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)
+    if HAS_M:
+        out += x_sum * tl.load(m_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)
+    return out
+
+
+@triton.jit
 def _store(out_ptr, ws_ptr, acc, row: tl.constexpr, M, N, offs_n, mask_n, pid_k, SPLIT_K: tl.constexpr):
     """Row ``row`` of the result: the output itself, or this split's slice of the partial sums."""
     here = row * N + offs_n
@@ -155,7 +165,7 @@ def stream_kernel(
     x_ptr, out_ptr, ws_ptr, count_ptr, M, N, K, stride_xm,
     lo_ptr, hi_ptr, d_ptr, m_ptr, sub_d_ptr, sub_m_ptr, lo_mask, hi_mask,
     LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, ZERO: tl.constexpr,
-    BLOCK: tl.constexpr, SUB_BLOCK: tl.constexpr, HAS_M: tl.constexpr,
+    BLOCK: tl.constexpr, SUB_BLOCK: tl.constexpr, HAS_M: tl.constexpr, CHANNEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SPLIT_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, X_PAIRS: tl.constexpr,
 ):
@@ -178,6 +188,10 @@ def stream_kernel(
     acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    x_sum0 = 0.0  # sums of x over the split's K, for a CHANNEL layout's m
+    x_sum1 = 0.0
+    x_sum2 = 0.0
+    x_sum3 = 0.0
     for c in tl.range(c_start, c_end, num_stages=NUM_STAGES):
         k0 = c * CHUNK
         lo = tl.load(lo_ptr + (k0 // LO_PER + rows)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
@@ -209,22 +223,42 @@ def stream_kernel(
                 xa, xb = _x_pair(x_ptr, 3, stride_xm, M, k0, rows, e, LO_PER, X_PAIRS)
                 dot3 += xa[:, None] * fa
                 dot3 += xb[:, None] * fb
-        scale = tl.load(d_ptr + (k0 // BLOCK) * N + offs_n, mask=mask_n, other=0).to(tl.float32)
-        if SUB_BLOCK != BLOCK:
-            scale = scale * tl.load(sub_d_ptr + (k0 // SUB_BLOCK) * N + offs_n, mask=mask_n, other=0).to(tl.float32)
-        offset = scale * (-ZERO)
-        if HAS_M:
-            m = tl.load(m_ptr + (k0 // BLOCK) * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+        if CHANNEL:  # d and m wait for the epilogue
+            scale = 1.0
+            offset = -ZERO * 1.0
+        else:
+            scale = tl.load(d_ptr + (k0 // BLOCK) * N + offs_n, mask=mask_n, other=0).to(tl.float32)
             if SUB_BLOCK != BLOCK:
-                m = m * tl.load(sub_m_ptr + (k0 // SUB_BLOCK) * N + offs_n, mask=mask_n, other=0).to(tl.float32)
-            offset = offset + m
-        acc0 += _chunk_sum(dot0, _x_sum(x_ptr, 0, stride_xm, M, k0, CHUNK, X_PAIRS), scale, offset, STEP)
+                scale = scale * tl.load(sub_d_ptr + (k0 // SUB_BLOCK) * N + offs_n, mask=mask_n, other=0).to(
+                    tl.float32)
+            offset = scale * (-ZERO)
+            if HAS_M:
+                m = tl.load(m_ptr + (k0 // BLOCK) * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+                if SUB_BLOCK != BLOCK:
+                    m = m * tl.load(sub_m_ptr + (k0 // SUB_BLOCK) * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+                offset = offset + m
+        xs = _x_sum(x_ptr, 0, stride_xm, M, k0, CHUNK, X_PAIRS)
+        acc0 += _chunk_sum(dot0, xs, scale, offset, STEP)
+        x_sum0 += xs
         if BLOCK_M > 1:
-            acc1 += _chunk_sum(dot1, _x_sum(x_ptr, 1, stride_xm, M, k0, CHUNK, X_PAIRS), scale, offset, STEP)
+            xs = _x_sum(x_ptr, 1, stride_xm, M, k0, CHUNK, X_PAIRS)
+            acc1 += _chunk_sum(dot1, xs, scale, offset, STEP)
+            x_sum1 += xs
         if BLOCK_M > 2:
-            acc2 += _chunk_sum(dot2, _x_sum(x_ptr, 2, stride_xm, M, k0, CHUNK, X_PAIRS), scale, offset, STEP)
-            acc3 += _chunk_sum(dot3, _x_sum(x_ptr, 3, stride_xm, M, k0, CHUNK, X_PAIRS), scale, offset, STEP)
+            xs = _x_sum(x_ptr, 2, stride_xm, M, k0, CHUNK, X_PAIRS)
+            acc2 += _chunk_sum(dot2, xs, scale, offset, STEP)
+            x_sum2 += xs
+            xs = _x_sum(x_ptr, 3, stride_xm, M, k0, CHUNK, X_PAIRS)
+            acc3 += _chunk_sum(dot3, xs, scale, offset, STEP)
+            x_sum3 += xs
 
+    if CHANNEL:
+        acc0 = _channel(acc0, x_sum0, d_ptr, m_ptr, offs_n, mask_n, HAS_M)
+        if BLOCK_M > 1:
+            acc1 = _channel(acc1, x_sum1, d_ptr, m_ptr, offs_n, mask_n, HAS_M)
+        if BLOCK_M > 2:
+            acc2 = _channel(acc2, x_sum2, d_ptr, m_ptr, offs_n, mask_n, HAS_M)
+            acc3 = _channel(acc3, x_sum3, d_ptr, m_ptr, offs_n, mask_n, HAS_M)
     _store(out_ptr, ws_ptr, acc0, 0, M, N, offs_n, mask_n, pid_k, SPLIT_K)
     if BLOCK_M > 1:
         _store(out_ptr, ws_ptr, acc1, 1, M, N, offs_n, mask_n, pid_k, SPLIT_K)
@@ -276,7 +310,7 @@ def stream_gemv(x: torch.Tensor, w: PackedWeight, cfg: StreamConfig) -> torch.Te
     stream_kernel[(blocks, cfg.split_k)](
         x.view(torch.int32) if pairs else x, out, ws, counters, m, w.n, k, x.stride(0) // 2 if pairs else x.stride(0),
         w.lo, w.hi, w.d, w.m, w.sub_d, w.sub_m, *field_masks(lay),
-        lay.lo_bits, lay.hi_bits, lay.zero, lay.block, lay.sub_block, lay.has_m,
+        lay.lo_bits, lay.hi_bits, lay.zero, lay.block, lay.sub_block, lay.has_m, lay.channel,
         block_m, cfg.block_n, c, cfg.split_k, cfg.num_stages, pairs,
         num_warps=cfg.num_warps,
     )

@@ -26,13 +26,16 @@ Why this layout is the fast one on a GPU (loading happens once per model, so rep
   scale and bias per sub-block would cost up to 10 bits per weight for Q6_K.
 * **The zero point is a constant** folded into the per-group offset ``m_eff = m - zero * d``, so the
   inner loop is one int->float conversion and one FMA per weight.
+* **A per-channel scale is applied once, after the K sum** (``channel``): ``y = d * sum_k x_k (q_k - zero)
+  + m * sum_k x_k``. Per-row GPTQ and ternary weights need no scale load or multiply inside the K loop; ``block``
+  then only bounds the kernels' K steps.
 
 Tensor shapes and dtypes of a :class:`PackedWeight` for ``W [N, K]``:
 
     lo     int32  [K * lo_bits / 32, N]    low ``lo_bits`` of each code
     hi     int32  [K * hi_bits / 32, N]    high ``hi_bits`` of each code (absent when hi_bits == 0)
-    d      float  [K / block, N]           fp16/bf16/fp32, as stored by the format
-    m      float  [K / block, N]           additive term (absent when has_m is False)
+    d      float  [K / block, N]           fp16/bf16/fp32, as stored by the format ([1, N] when channel)
+    m      float  [K / block, N]           additive term (absent when has_m is False; [1, N] when channel)
     sub_d  int8/uint8 [K / sub_block, N]   sub-block scale (absent when sub_block == block)
     sub_m  uint8  [K / sub_block, N]       sub-block multiplier of m (present iff sub_d and m are)
 """
@@ -59,10 +62,12 @@ class AffineLayout:
     block: int  # K elements per row of d and m
     sub_block: int  # K elements per row of sub_d / sub_m; equals block when there are none
     has_m: bool  # whether the additive term m exists
+    channel: bool = False  # d and m are one per output channel, applied after the K sum (then sub_block == block)
 
     def __post_init__(self) -> None:
         assert self.lo_bits in PLANE_BITS and self.hi_bits in (0, *PLANE_BITS), self
         assert self.block % self.sub_block == 0 and _is_pow2(self.block) and _is_pow2(self.sub_block), self
+        assert not (self.channel and self.has_sub), self
 
     @property
     def bits(self) -> int:
@@ -101,11 +106,12 @@ class PackedWeight:
     def __post_init__(self) -> None:
         lay, n, k = self.layout, self.n, self.k
         assert self.perm is None or tuple(self.perm.shape) == (k,), self.perm
+        groups = 1 if lay.channel else k // lay.block
         expected = {
             "lo": (k * lay.lo_bits // WORD_BITS, n),
             "hi": (k * lay.hi_bits // WORD_BITS, n) if lay.hi_bits else None,
-            "d": (k // lay.block, n),
-            "m": (k // lay.block, n) if lay.has_m else None,
+            "d": (groups, n),
+            "m": (groups, n) if lay.has_m else None,
             "sub_d": (k // lay.sub_block, n) if lay.has_sub else None,
             "sub_m": (k // lay.sub_block, n) if lay.has_sub and lay.has_m else None,
         }
@@ -146,8 +152,8 @@ class AffineCodes:
 
     layout: AffineLayout
     codes: torch.Tensor  # uint8 [N, K]
-    d: torch.Tensor  # float [N, K / block]
-    m: torch.Tensor | None  # float [N, K / block]
+    d: torch.Tensor  # float [N, K / block] ([N, 1] when channel)
+    m: torch.Tensor | None  # float [N, K / block] ([N, 1] when channel)
     sub_d: torch.Tensor | None  # int8/uint8 [N, K / sub_block]
     sub_m: torch.Tensor | None  # uint8 [N, K / sub_block]
 
@@ -181,8 +187,8 @@ CHANNEL_BLOCK = 256
 
 def scale_block(group_size: int, k: int) -> int:
     """The layout's block for scales in groups of ``group_size`` (-1: one per row of ``k``): the group itself,
-    or for a per-row scale the largest power of two up to CHANNEL_BLOCK dividing K, the row's scale repeated over
-    such blocks (the same values in a shape the kernels tile)."""
+    or for a per-row scale (a ``channel`` layout) the largest power of two up to CHANNEL_BLOCK dividing K, which
+    only bounds the kernels' K steps."""
     if group_size != -1:
         return group_size
     block = CHANNEL_BLOCK

@@ -70,7 +70,7 @@ def registers_and_spills(compiled, capability: int = SM_90) -> tuple[int, int]:
 
 def layout_constants(lay: AffineLayout) -> dict:
     return dict(LO_BITS=lay.lo_bits, HI_BITS=lay.hi_bits, ZERO=lay.zero, BLOCK=lay.block, SUB_BLOCK=lay.sub_block,
-                HAS_M=lay.has_m)
+                HAS_M=lay.has_m, CHANNEL=lay.channel)
 
 
 def inner_loop(sass: str) -> LoopStats:

@@ -6,7 +6,7 @@ For the kernels, a constant zero point (every symmetric checkpoint: ``2**(bits-1
 constant; per-group zeros become the additive term ``-zero * scale``. Act-order weights (``g_idx`` not
 ``k // group``) are sorted by group once at load, and the input features are gathered in the same order at
 every call (``PackedWeight.perm``, as vLLM's Marlin path sorts them). A per-channel scale (group -1) is
-repeated over blocks of up to ``layout.CHANNEL_BLOCK`` features, the same values in a layout the kernels tile.
+a ``channel`` layout: applied once after the K sum.
 """
 
 from __future__ import annotations
@@ -138,18 +138,17 @@ class GPTQWeight:
         uniform = bool((zeros == constant).all())
         lo, hi = PLANES[self.bits]
         lay = AffineLayout(lo_bits=lo, hi_bits=hi, zero=constant if uniform else 0, block=block, sub_block=block,
-                           has_m=not uniform)
+                           has_m=not uniform, channel=self.group_size == -1)
         codes_all, scales = self.codes(*buffers), self.scales(*buffers)
-        repeat = size // block  # per-channel scales repeated over the blocks of a row
 
         def chunks() -> Iterator[tuple[int, AffineCodes]]:
             step = rows_per_chunk(k)
             for n0 in range(0, n, step):
                 rows = slice(n0, n0 + step)
                 codes = codes_all[rows] if perm is None else codes_all[rows][:, perm]
-                d = scales[rows].repeat_interleave(repeat, dim=1).contiguous()
-                m = None if uniform else (-zeros[rows].float() * scales[rows].float()).repeat_interleave(repeat, dim=1)
-                yield n0, AffineCodes(layout=lay, codes=codes.contiguous(), d=d, m=m, sub_d=None, sub_m=None)
+                m = None if uniform else -zeros[rows].float() * scales[rows].float()
+                yield n0, AffineCodes(layout=lay, codes=codes.contiguous(), d=scales[rows].contiguous(), m=m,
+                                      sub_d=None, sub_m=None)
 
         return pack_affine(chunks(), lay, n, k, perm=perm)
 

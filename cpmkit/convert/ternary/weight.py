@@ -1,7 +1,7 @@
 """A ternary-pack linear as a ``cpmkit.kernels.QuantLinear`` weight: the stored ``weight_packed`` and
 ``weight_scale`` decoded by ``cpmkit.formats.ternary`` on the torch path, repacked for Triton into the kernels'
-affine layout as 2-bit codes with the constant zero 1 and the scale per group (a per-row scale repeated over
-blocks of up to ``layout.CHANNEL_BLOCK`` features, the same values in a layout the kernels tile).
+affine layout as 2-bit codes with the constant zero 1 and the scale per group, or per output channel applied
+after the K sum (a ``channel`` layout: no scale is read inside the K loop).
 """
 
 from __future__ import annotations
@@ -61,16 +61,15 @@ class TernaryPackWeight:
 
     def pack(self, packed: torch.Tensor, scale: torch.Tensor, name: str) -> PackedWeight:
         n, k = self.shape
+        channel = self.group_size == -1
         block = scale_block(self.group_size, k)
-        size = k if self.group_size == -1 else self.group_size
-        lay = AffineLayout(lo_bits=2, hi_bits=0, zero=1, block=block, sub_block=block, has_m=False)
+        lay = AffineLayout(lo_bits=2, hi_bits=0, zero=1, block=block, sub_block=block, has_m=False, channel=channel)
 
         def chunks() -> Iterator[tuple[int, AffineCodes]]:
             step = rows_per_chunk(k)
             for n0 in range(0, n, step):
                 rows = slice(n0, n0 + step)
-                d = scale[rows].repeat_interleave(size // block, dim=1).contiguous()
-                yield n0, AffineCodes(layout=lay, codes=ternary.unpack_codes(packed[rows]), d=d, m=None,
+                yield n0, AffineCodes(layout=lay, codes=ternary.unpack_codes(packed[rows]), d=scale[rows], m=None,
                                       sub_d=None, sub_m=None)
 
         return pack_affine(chunks(), lay, n, k)
