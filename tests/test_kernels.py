@@ -14,13 +14,32 @@ Tolerances, ``|y - ref| <= rtol * |ref| + atol * rms(ref)`` per path:
 
 import pytest
 import torch
-from kernel_weights import CASE_IDS, DEVICE, K, N, assert_within, make_linear
+from gguf import GGMLQuantizationType as QType
+from kernel_weights import (
+    CASE_IDS,
+    DEVICE,
+    K,
+    N,
+    assert_within,
+    gguf_weight,
+    make_linear,
+)
 
-from cpmkit.kernels.dispatch import GEMV_MAX_M, Strategy, choose_strategy
+from cpmkit.formats.gguf.layout import BLOCKS
+from cpmkit.kernels.dequant import DequantConfig
+from cpmkit.kernels.dispatch import (
+    DEQUANT_MIN_M,
+    GEMV_MAX_M,
+    Strategy,
+    choose_strategy,
+    run,
+    runs,
+)
 from cpmkit.kernels.gemm_tiled import GemmConfig, gemm, reference_gemm
 from cpmkit.kernels.gemv_splitk import GemvConfig, gemv, reference_gemv
-from cpmkit.kernels.gemv_stream import StreamConfig, stream_gemv, supports
+from cpmkit.kernels.gemv_stream import StreamConfig, stream_gemv
 from cpmkit.kernels.layout import AffineCodes, AffineLayout, pack_affine
+from cpmkit.kernels.trits import reference_trits
 
 # Tiles smaller than the shapes on purpose: 2 column tiles (the second ragged), 2-way split-K, K tiles
 # both smaller than a 256 super-block and larger than a 32 block.
@@ -28,31 +47,48 @@ GEMV_TILES = GemvConfig(block_n=32, block_k=64, split_k=2)
 GEMM_TILES = GemmConfig(block_m=16, block_n=32, block_k=128, split_k=2)
 STREAM_TILES = StreamConfig(num_warps=1, split_k=4, num_stages=1)  # 128 columns: one full tile, one ragged
 
+DEQUANT_TILES = DequantConfig(block_k=64, block_n=32)
+
 TOLERANCES = {  # (strategy, input dtype) -> (rtol, atol as a fraction of rms(ref))
     (Strategy.GEMV, torch.float32): (1e-5, 1e-5),
     (Strategy.GEMM, torch.float32): (1e-5, 1e-5),
+    (Strategy.DEQUANT, torch.float32): (1e-5, 1e-5),
     (Strategy.GEMV, torch.bfloat16): (2**-8, 1e-5),
     (Strategy.GEMM, torch.bfloat16): (2**-8, 2e-2),
+    (Strategy.DEQUANT, torch.bfloat16): (2**-8, 2e-2),
     (Strategy.STREAM, torch.float32): (1e-5, 1e-4),
     (Strategy.STREAM, torch.bfloat16): (2**-7, 1e-4),
 }
-RUNS = {Strategy.GEMV: lambda x, w: gemv(x, w, GEMV_TILES), Strategy.GEMM: lambda x, w: gemm(x, w, GEMM_TILES),
-        Strategy.STREAM: lambda x, w: stream_gemv(x, w, STREAM_TILES)}
+TILES = {Strategy.GEMV: GEMV_TILES, Strategy.GEMM: GEMM_TILES, Strategy.STREAM: STREAM_TILES,
+         Strategy.DEQUANT: DEQUANT_TILES}
+RUNS = {strategy: lambda x, w, s=strategy: run(s, x, w, TILES[s]) for strategy in TILES}
+SHAPES = [(Strategy.STREAM, 1, torch.bfloat16), (Strategy.STREAM, 3, torch.float32),
+          (Strategy.GEMV, 1, torch.bfloat16), (Strategy.GEMV, 3, torch.float32),
+          (Strategy.GEMM, 17, torch.bfloat16), (Strategy.GEMM, 17, torch.float32),
+          (Strategy.DEQUANT, 17, torch.bfloat16), (Strategy.DEQUANT, 17, torch.float32)]
+TRITS_CASE = "gguf-TQ1_0"  # its stored form runs its own GEMV and the dense path only
 
 
-@pytest.mark.parametrize("case", CASE_IDS)
-@pytest.mark.parametrize("strategy,m,dtype", [
-    (Strategy.STREAM, 1, torch.bfloat16), (Strategy.STREAM, 3, torch.float32),
-    (Strategy.GEMV, 1, torch.bfloat16), (Strategy.GEMV, 3, torch.float32),
-    (Strategy.GEMM, 17, torch.bfloat16), (Strategy.GEMM, 17, torch.float32),
-])
+@pytest.mark.parametrize("case,strategy,m,dtype", [
+    (case, *shape) for case in CASE_IDS for shape in SHAPES
+    if case != TRITS_CASE or shape[0] in (Strategy.STREAM, Strategy.DEQUANT)])
 def test_kernel_matches_independent_decoder(case, strategy, m, dtype):
     linear, oracle = make_linear(case)
-    assert strategy != Strategy.STREAM or supports(linear.packed()), "every layout runs the streaming GEMV"
+    w = linear.to(DEVICE).packed()
+    assert runs(strategy, w, m), "every layout runs the streaming GEMV and the dense path"
     x = torch.randn(m, K, generator=torch.Generator().manual_seed(m)).to(dtype)
-    y = RUNS[strategy](x.to(DEVICE), linear.to(DEVICE).packed()).cpu()
+    y = RUNS[strategy](x.to(DEVICE), w).cpu()
     assert y.dtype == dtype and y.shape == (m, N)
     assert_within(y, x.float() @ oracle.T, *TOLERANCES[strategy, dtype])
+
+
+def test_trits_layout_is_tq1_0_as_stored():
+    raw, oracle = gguf_weight(QType.TQ1_0)
+    w = make_linear(TRITS_CASE)[0].packed()
+    assert w.layout.trits and w.nbytes == raw.numel()  # 1.6875 bits per weight, like the file
+    fields = BLOCKS[QType.TQ1_0].split_fields(raw.reshape(-1, BLOCKS[QType.TQ1_0].type_size))
+    trits = reference_trits(fields["qs"], fields["qh"]).reshape(N, K)
+    assert torch.equal((trits - 1) * fields["d"].float().reshape(N, -1).repeat_interleave(256, dim=1), oracle)
 
 
 CHANNEL_LAYOUTS = {  # per-output-channel d (and m) applied after the K sum
@@ -140,8 +176,11 @@ def test_custom_ops_compute_what_the_eager_launch_does(op):
 
 def test_dispatch_rule():
     w = make_linear("gguf-Q4_K")[0].packed()
-    assert [choose_strategy(m, w) for m in (1, 4, 5, GEMV_MAX_M, GEMV_MAX_M + 1, 4096)] == [
-        Strategy.STREAM, Strategy.STREAM, Strategy.GEMV, Strategy.GEMV, Strategy.GEMM, Strategy.GEMM]
+    assert [choose_strategy(m, w) for m in (1, 4, 5, GEMV_MAX_M, GEMV_MAX_M + 1, DEQUANT_MIN_M - 1,
+                                            DEQUANT_MIN_M)] == [
+        Strategy.STREAM, Strategy.STREAM, Strategy.GEMV, Strategy.GEMV, Strategy.GEMM, Strategy.GEMM, Strategy.DEQUANT]
+    trits = make_linear("gguf-TQ1_0")[0].packed()
+    assert [choose_strategy(m, trits) for m in (1, 4, 5, 17)] == [Strategy.STREAM] * 2 + [Strategy.DEQUANT] * 2
 
 
 @pytest.mark.parametrize("m", [1, 2, 4])

@@ -1,4 +1,4 @@
-"""Compile the three kernels for an H100 (sm_90) without a GPU: catches what the interpreter cannot (layout
+"""Compile the kernels for an H100 (sm_90) without a GPU: catches what the interpreter cannot (layout
 lowering, ``tl.dot`` operand rules, ptxas). Runs this file as a script in a subprocess, because the
 kernels must be imported without TRITON_INTERPRET, which tests/conftest.py sets on CPU machines."""
 
@@ -17,7 +17,7 @@ def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.count("compiled") == 12, done.stdout
+    assert done.stdout.count("compiled") == 19, done.stdout
 
 
 def _compile_all() -> None:
@@ -26,10 +26,12 @@ def _compile_all() -> None:
 
     from cpmkit.convert.gguf.weight import KERNEL_TYPES as GGUF_KERNEL_TYPES
     from cpmkit.convert.mlx.weight import mlx_layout
+    from cpmkit.kernels.dequant import dequant_kernel
     from cpmkit.kernels.gemm_tiled import gemm_kernel
     from cpmkit.kernels.gemv_splitk import gemv_kernel
     from cpmkit.kernels.gemv_stream import chunk, stream_kernel
     from cpmkit.kernels.static import compile_for, layout_constants
+    from cpmkit.kernels.trits import trits_dequant_kernel, trits_kernel
 
     def compile_kernel(kernel, act: str, lay, d: str, sub: str, constants: dict, split: int) -> None:
         ptr = {"bf16": "*bf16", "fp32": "*fp32", "pairs": "*i32"}[act]
@@ -56,6 +58,21 @@ def _compile_all() -> None:
                       CHUNK=chunk(lay, 4096, 4 if act == "fp32" else 1),
                       X_PAIRS=act == "bf16")
         compile_kernel(stream_kernel, "pairs" if act == "bf16" else act, lay, d, sub, stream, split=4)
+        dense = {"out_ptr": "*bf16", "N": "i32", "lo_ptr": "*i32", "hi_ptr": "*i32" if lay.hi_bits else None,
+                 "d_ptr": d, "m_ptr": d if lay.has_m else None, "sub_d_ptr": sub if lay.has_sub else None,
+                 "sub_m_ptr": "*u8" if lay.has_sub and lay.has_m else None}
+        compile_for(dequant_kernel, dense, {**layout_constants(lay), "BLOCK_K": 64, "BLOCK_N": 128})
+        print("compiled dequant_kernel", lay, flush=True)
+
+    trits = {"x_ptr": "*i32", "out_ptr": "*bf16", "ws_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32",
+             "K": "i32", "stride_xm": "i32", "qs_ptr": "*i32", "qh_ptr": "*i32", "d_ptr": "*fp16",
+             "byte_lanes": "i32", "trit_field": "i32"}
+    for m in (1, 4):
+        compile_for(trits_kernel, trits, dict(BLOCK_M=m, BLOCK_N=512, SPLIT_K=4, X_PAIRS=True))
+        print("compiled trits_kernel", m, flush=True)
+    compile_for(trits_dequant_kernel, {"out_ptr": "*bf16", "N": "i32", "qs_ptr": "*i32", "qh_ptr": "*i32",
+                                       "d_ptr": "*fp16"}, dict(BLOCK_N=64))
+    print("compiled trits_dequant_kernel", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from cpmkit.convert.mlx.weight import pack_mlx
 from cpmkit.errors import CpmkitError
 from cpmkit.formats.gguf import blocks
 from cpmkit.formats.gguf.layout import BLOCKS
+from cpmkit.kernels.dequant import DequantConfig
 from cpmkit.kernels.dispatch import (
     Strategy,
     TuneCache,
@@ -71,6 +72,8 @@ def test_repack_rejects_a_wrong_shape():
 def _valid(cfg, m: int, n: int, k: int) -> bool:
     if isinstance(cfg, StreamConfig):
         return cfg.num_warps in (1, 2, 4) and 1 <= cfg.split_k <= k // 32
+    if isinstance(cfg, DequantConfig):
+        return k % cfg.block_k == 0 and cfg.block_k % 32 == 0 and cfg.block_n >= 16
     return (k % cfg.block_k == 0 and cfg.block_k % 32 == 0 and 1 <= cfg.split_k <= k // cfg.block_k
             and (isinstance(cfg, GemvConfig) or min(cfg.block_m, cfg.block_n) >= 16))
 

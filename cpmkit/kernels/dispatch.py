@@ -1,7 +1,9 @@
 """Which dequant-GEMM strategy and tile configuration runs a given call, and autotuning.
 
 The rule: ``M <= STREAM_MAX_M`` runs the streaming GEMV (every layout whose scale groups hold whole code
-words), other ``M <= GEMV_MAX_M`` (decode-sized batches) the split-K GEMV, larger M the tiled GEMM.
+words; TQ1_0's stored form has its own, ``cpmkit.kernels.trits``), other ``M <= GEMV_MAX_M`` (decode-sized
+batches) the split-K GEMV, ``M >= DEQUANT_MIN_M`` the dense path (dequantize, then cuBLAS), the rest the tiled
+GEMM. A trits layout has only its GEMV and the dense path.
 A :class:`TuneCache` entry measured for the same layout, shape bucket and dtype overrides both the
 strategy and the tiles, so the crossover is measured per format and shape where a cache exists. Configs
 are always explicit arguments: nothing is read at import and no state is global; a cache is an object
@@ -22,6 +24,7 @@ import triton
 from triton.runtime.errors import OutOfResources, PTXASError
 
 from cpmkit.errors import CpmkitError
+from cpmkit.kernels.dequant import DequantConfig, dequant_matmul
 from cpmkit.kernels.gemm_tiled import GemmConfig, gemm
 from cpmkit.kernels.gemv_splitk import MAX_M as GEMV_KERNEL_MAX_M
 from cpmkit.kernels.gemv_splitk import GemvConfig, gemv
@@ -29,14 +32,19 @@ from cpmkit.kernels.gemv_stream import MAX_M as STREAM_MAX_M
 from cpmkit.kernels.gemv_stream import (
     StreamConfig,
     default_stream_config,
+    k_steps,
     stream_gemv,
     supports,
 )
-from cpmkit.kernels.gemv_stream import chunk as stream_chunk
 from cpmkit.kernels.layout import PackedWeight
 from cpmkit.kernels.timing import device_ms
+from cpmkit.kernels.trits import trits_gemv
 
 GEMV_MAX_M = 8
+# From where the dense path is the default: an estimate for an H100 (MiniCPM4-8B's 4096 x 4096 at M = 1024: the
+# bf16 matmul about 50 us, the decode's pass over the weights about 12 us; the tiled GEMM measured 0.33-0.57x
+# BF16 at M = 256). An autotune cache replaces it with a measurement.
+DEQUANT_MIN_M = 1024
 # Programs to aim for when choosing split-K on an H100 (132 SMs): two waves for the tiled GEMM; eight for
 # the GEMV, whose programs each stream a thin column of weights (measured at batch 1 on MiniCPM4-8B
 # shapes: 2 waves 1.14-1.17x over BF16 for Q4_K, 8 waves 1.34-1.59x, 32 waves 1.29-1.33x).
@@ -45,27 +53,43 @@ GEMV_TARGET_PROGRAMS = 1056
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_OFFSET = 2**31  # the kernels index x and the output with int32 offsets
 
-Config = Union[StreamConfig, GemvConfig, GemmConfig]
+Config = Union[StreamConfig, GemvConfig, GemmConfig, DequantConfig]
 
 
 class Strategy(str, Enum):
     STREAM = "gemv_stream"
     GEMV = "gemv_splitk"
     GEMM = "gemm_tiled"
+    DEQUANT = "dequant_matmul"
+
+
+def _stream(x2d: torch.Tensor, w: PackedWeight, cfg: StreamConfig) -> torch.Tensor:
+    return trits_gemv(x2d, w, cfg) if w.layout.trits else stream_gemv(x2d, w, cfg)
 
 
 _RUNNERS: dict[Strategy, tuple[Callable[[torch.Tensor, PackedWeight, Config], torch.Tensor], type]] = {
-    Strategy.STREAM: (stream_gemv, StreamConfig),
+    Strategy.STREAM: (_stream, StreamConfig),
     Strategy.GEMV: (gemv, GemvConfig),
     Strategy.GEMM: (gemm, GemmConfig),
+    Strategy.DEQUANT: (dequant_matmul, DequantConfig),
 }
 
 
-def choose_strategy(m: int, w: PackedWeight | None = None) -> Strategy:
-    """The default strategy for ``m`` rows (``w``: the weight, whose layout decides whether the streaming GEMV
-    can run it)."""
-    if m <= STREAM_MAX_M and w is not None and supports(w):
+def runs(strategy: Strategy, w: PackedWeight, m: int) -> bool:
+    """Whether ``strategy`` can run ``m`` rows against ``w`` (its kernel decodes the layout and holds M rows)."""
+    if strategy == Strategy.STREAM:
+        return m <= STREAM_MAX_M and (w.layout.trits or supports(w))
+    if strategy == Strategy.DEQUANT:
+        return True
+    return not w.layout.trits and (strategy == Strategy.GEMM or m <= GEMV_KERNEL_MAX_M)
+
+
+def choose_strategy(m: int, w: PackedWeight) -> Strategy:
+    """The default strategy for ``m`` rows against ``w`` (whose layout decides which kernels can run it)."""
+    if runs(Strategy.STREAM, w, m):
         return Strategy.STREAM
+    if w.layout.trits or m >= DEQUANT_MIN_M:
+        return Strategy.DEQUANT
     return Strategy.GEMV if m <= GEMV_MAX_M else Strategy.GEMM
 
 
@@ -90,6 +114,8 @@ def default_config(strategy: Strategy, m: int, n: int, k: int, w: PackedWeight |
     if strategy == Strategy.STREAM:
         assert w is not None
         return default_stream_config(n, k, w, GEMV_TARGET_PROGRAMS, m)
+    if strategy == Strategy.DEQUANT:
+        return DequantConfig()
     if strategy == Strategy.GEMV:
         # keep BLOCK_M * BLOCK_K * BLOCK_N (the product held in registers) at 16K elements
         block_n = 32 if n <= 1024 else 64
@@ -109,9 +135,12 @@ def candidate_configs(strategy: Strategy, m: int, n: int, k: int, w: PackedWeigh
     out: list[Config] = []
     if strategy == Strategy.STREAM:
         assert w is not None
-        chunks = k // stream_chunk(w.layout, k, triton.next_power_of_2(m))
+        chunks = k_steps(w.layout, k, triton.next_power_of_2(m))
         return [StreamConfig(warps, split, stages) for warps in (1, 2, 4) for split in (1, 2, 4, 8, 16, 32)
                 for stages in (1, 3) if split <= chunks]
+    if strategy == Strategy.DEQUANT:
+        return [DequantConfig(block_k, block_n, warps) for block_k in (32, 64) for block_n in (64, 128, 256)
+                for warps in (4, 8)]
     if strategy == Strategy.GEMV:
         bm = triton.next_power_of_2(m)
         for block_n in (32, 64, 128):
@@ -213,9 +242,7 @@ def autotune(x2d: torch.Tensor, w: PackedWeight, tune: TuneCache,
     m = x2d.shape[0]
     best: tuple[Strategy, Config, float] | None = None
     for strategy in strategies:
-        if strategy == Strategy.GEMV and m > GEMV_KERNEL_MAX_M:  # the tuner may find GEMV wins beyond the rule
-            continue
-        if strategy == Strategy.STREAM and (m > STREAM_MAX_M or not supports(w)):
+        if not runs(strategy, w, m):  # the tuner may find a strategy wins beyond the default rule
             continue
         for cfg in candidate_configs(strategy, m, w.n, w.k, w):
             try:

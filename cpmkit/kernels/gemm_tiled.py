@@ -109,6 +109,7 @@ def gemm_kernel(
 def _launch(x: torch.Tensor, w: PackedWeight, cfg: GemmConfig) -> torch.Tensor:
     m, k = x.shape
     lay = w.layout
+    assert not lay.trits, "a trits layout runs cpmkit.kernels.trits or the dense path"
     assert k == w.k and x.stride(1) == 1 and x.dtype in DOT_DTYPES, (x.shape, x.stride(), x.dtype, w.k)
     assert k % cfg.block_k == 0 and cfg.block_k % 32 == 0 and min(cfg.block_m, cfg.block_n) >= 16, (k, cfg)
     assert cfg.split_k * m * w.n < 2**31, "int32 output offsets"  # split-K is only chosen for small grids

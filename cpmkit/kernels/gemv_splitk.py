@@ -96,6 +96,7 @@ def gemv_kernel(
 def _launch(x: torch.Tensor, w: PackedWeight, cfg: GemvConfig) -> torch.Tensor:
     m, k = x.shape
     lay = w.layout
+    assert not lay.trits, "a trits layout runs cpmkit.kernels.trits or the dense path"
     assert m <= MAX_M and k == w.k and x.stride(1) == 1, (x.shape, x.stride(), w.k)
     assert k % cfg.block_k == 0 and cfg.block_k % 32 == 0, (k, cfg)
     assert cfg.split_k * m * w.n < 2**31, "int32 output offsets"  # split-K is only chosen for small grids

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cpmkit.kernels.layout import AffineLayout, PackedWeight
+from cpmkit.kernels.layout import TRIT_BLOCK, AffineLayout, PackedWeight
 
 MAX_M = 4
 MAX_CHUNK = 64
@@ -64,8 +64,14 @@ def field_masks(lay: AffineLayout) -> tuple[int, int]:
 
 
 def supports(w: PackedWeight) -> bool:
+    """Whether this kernel decodes ``w``'s layout (a trits layout has ``cpmkit.kernels.trits`` instead)."""
     c = chunk(w.layout, w.k, MAX_M)
-    return c * w.layout.lo_bits >= 32 and w.k % c == 0
+    return not w.layout.trits and c * w.layout.lo_bits >= 32 and w.k % c == 0
+
+
+def k_steps(lay: AffineLayout, k: int, block_m: int = 1) -> int:
+    """K-loop iterations over the whole of K, which split-K divides (a trits layout: one per TQ1_0 block)."""
+    return k // (TRIT_BLOCK if lay.trits else chunk(lay, k, block_m))
 
 
 @triton.jit
@@ -323,7 +329,7 @@ def default_stream_config(n: int, k: int, w: PackedWeight, target_programs: int,
     while warps > 1 and n <= 32 * LANE_COLUMNS * warps // 2:
         warps //= 2
     blocks = triton.cdiv(n, 32 * LANE_COLUMNS * warps)
-    chunks = k // chunk(w.layout, k, triton.next_power_of_2(m))
+    chunks = k_steps(w.layout, k, triton.next_power_of_2(m))
     split = 1
     while split * 2 <= chunks and blocks * split * 2 <= target_programs:
         split *= 2

@@ -38,6 +38,12 @@ Tensor shapes and dtypes of a :class:`PackedWeight` for ``W [N, K]``:
     m      float  [K / block, N]           additive term (absent when has_m is False; [1, N] when channel)
     sub_d  int8/uint8 [K / sub_block, N]   sub-block scale (absent when sub_block == block)
     sub_m  uint8  [K / sub_block, N]       sub-block multiplier of m (present iff sub_d and m are)
+
+A ``trits`` layout keeps TQ1_0's stored form (1.69 bits per weight) instead of 2-bit planes: per 256 weights
+along K, ``lo`` holds TRIT_WORDS int32 words of TQ1_0's ``qs`` (five trits a byte) and ``hi`` one word of its
+``qh`` (four trits a byte), each trit ``t`` of a byte ``b`` read as ``((b * 3**n) % 256 * 3) >> 8``, weight
+``d * (t - 1)``; byte ``j`` of ``qs`` holds weights ``n * 32 + j`` (j < 32), ``160 + n * 16 + j - 32``
+(j >= 32), and byte ``j`` of ``qh`` weights ``240 + n * 4 + j``, for trit ``n``.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ from dataclasses import dataclass, fields
 import torch
 
 WORD_BITS = 32
+TRIT_BLOCK = 256  # weights per TQ1_0 block
+TRIT_WORDS = 12  # int32 words of five-trit bytes per block (TQ1_0's 48-byte qs)
 PLANE_BITS = (1, 2, 4, 8)
 # Weights repacked per step (whole rows): bounds the uint8 code temporaries to a few times 16 MiB.
 CHUNK_ELEMENTS = 1 << 24
@@ -63,11 +71,14 @@ class AffineLayout:
     sub_block: int  # K elements per row of sub_d / sub_m; equals block when there are none
     has_m: bool  # whether the additive term m exists
     channel: bool = False  # d and m are one per output channel, applied after the K sum (then sub_block == block)
+    trits: bool = False  # ternary codes stored base-3 in TQ1_0's own order (TRIT_WORDS): only the trit kernels
 
     def __post_init__(self) -> None:
         assert self.lo_bits in PLANE_BITS and self.hi_bits in (0, *PLANE_BITS), self
         assert self.block % self.sub_block == 0 and _is_pow2(self.block) and _is_pow2(self.sub_block), self
         assert not (self.channel and self.has_sub), self
+        assert not self.trits or (self.lo_bits, self.hi_bits, self.zero, self.block, self.sub_block, self.has_m,
+                                  self.channel) == (2, 0, 1, TRIT_BLOCK, TRIT_BLOCK, False, False), self
 
     @property
     def bits(self) -> int:
@@ -108,8 +119,8 @@ class PackedWeight:
         assert self.perm is None or tuple(self.perm.shape) == (k,), self.perm
         groups = 1 if lay.channel else k // lay.block
         expected = {
-            "lo": (k * lay.lo_bits // WORD_BITS, n),
-            "hi": (k * lay.hi_bits // WORD_BITS, n) if lay.hi_bits else None,
+            "lo": (k // TRIT_BLOCK * TRIT_WORDS, n) if lay.trits else (k * lay.lo_bits // WORD_BITS, n),
+            "hi": (k // TRIT_BLOCK, n) if lay.trits else (k * lay.hi_bits // WORD_BITS, n) if lay.hi_bits else None,
             "d": (groups, n),
             "m": (groups, n) if lay.has_m else None,
             "sub_d": (k // lay.sub_block, n) if lay.has_sub else None,

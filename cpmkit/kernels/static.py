@@ -73,30 +73,46 @@ def layout_constants(lay: AffineLayout) -> dict:
                 HAS_M=lay.has_m, CHANNEL=lay.channel)
 
 
-def inner_loop(sass: str) -> LoopStats:
-    """Counts over the body of the largest loop in ``sass`` (a backward branch to an earlier label)."""
-    lines = sass.splitlines()
+def _loops(sass: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """(opcodes of every instruction, spans [start, end) of every loop: a backward branch to an earlier label)."""
     labels: dict[str, int] = {}
-    instructions: list[tuple[int, str, str]] = []  # (line index, opcode, text)
-    for i, line in enumerate(lines):
+    instructions: list[tuple[str, str]] = []  # (opcode, text)
+    for line in sass.splitlines():
         label = _LABEL.match(line)
         if label:
             labels[label.group(1)] = len(instructions)
             continue
         ins = _INSTRUCTION.match(line)
         if ins:
-            instructions.append((i, ins.group(2), line))
-    best: tuple[int, int] | None = None
-    for pos, (_, op, text) in enumerate(instructions):
+            instructions.append((ins.group(2), line))
+    spans = []
+    for pos, (op, text) in enumerate(instructions):
         branch = _BRANCH.search(text) if op.startswith("BRA") else None
         if branch and branch.group(1) in labels and labels[branch.group(1)] <= pos:
-            span = (labels[branch.group(1)], pos + 1)
-            if best is None or span[1] - span[0] > best[1] - best[0]:
-                best = span
-    if best is None:
+            spans.append((labels[branch.group(1)], pos + 1))
+    if not spans:
         raise ValueError("no loop in this SASS")
-    body = [op for _, op, _ in instructions[best[0]:best[1]]]
-    count = lambda *prefixes: sum(1 for op in body if op.startswith(prefixes))  # noqa: E731
-    return LoopStats(instructions=len(body), barriers=count("BAR.SYNC", "BAR.RED", "BAR "),
+    return [op for op, _ in instructions], spans
+
+
+def _stats(body: list[str], times: int = 1) -> LoopStats:
+    count = lambda *prefixes: times * sum(1 for op in body if op.startswith(prefixes))  # noqa: E731
+    return LoopStats(instructions=times * len(body), barriers=count("BAR.SYNC", "BAR.RED", "BAR "),
                      async_loads=count("LDGSTS", "UTMALDG"), global_loads=count("LDG"),
                      shared_accesses=count("LDS", "STS"), ffma=count("FFMA", "HFMA2", "FMUL", "FADD"))
+
+
+def inner_loop(sass: str, inner_trips: int = 1) -> LoopStats:
+    """Counts over one iteration of the largest loop in ``sass``. With ``inner_trips`` > 1 that loop holds
+    another that runs ``inner_trips`` times an iteration (the largest loop inside it), counted that often."""
+    ops, spans = _loops(sass)
+    outer = max(spans, key=lambda s: s[1] - s[0])
+    stats = _stats(ops[outer[0]:outer[1]])
+    if inner_trips == 1:
+        return stats
+    inside = [s for s in spans if s != outer and outer[0] <= s[0] and s[1] <= outer[1]]
+    if not inside:
+        raise ValueError("no loop inside the largest loop of this SASS")
+    inner = max(inside, key=lambda s: s[1] - s[0])
+    extra = _stats(ops[inner[0]:inner[1]], inner_trips - 1)
+    return LoopStats(*(a + b for a, b in zip(vars(stats).values(), vars(extra).values())))

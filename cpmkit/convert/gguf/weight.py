@@ -20,6 +20,7 @@ from cpmkit.formats.gguf.blocks import dequantize, unpack
 from cpmkit.formats.gguf.layout import BLOCKS
 from cpmkit.kernels import QuantLinear
 from cpmkit.kernels.layout import (
+    TRIT_BLOCK,
     AffineCodes,
     AffineLayout,
     PackedWeight,
@@ -43,7 +44,7 @@ def _lay(lo: int, hi: int, zero: int, block: int, sub: int | None = None, has_m:
     return AffineLayout(lo_bits=lo, hi_bits=hi, zero=zero, block=block, sub_block=sub or block, has_m=has_m)
 
 
-# TQ1_0's base-3 trits become 2-bit codes: it runs as TQ2_0 (2.06 instead of 1.69 bits per weight).
+# TQ1_0 keeps its base-3 bytes (a trits layout, 1.69 bits per weight; cpmkit.kernels.trits).
 KERNEL_TYPES: dict[QType, _KernelType] = {
     QType.Q8_0: _KernelType(_lay(8, 0, 128, 32), signed_codes=True),
     QType.Q4_0: _KernelType(_lay(4, 0, 8, 32)),
@@ -55,7 +56,7 @@ KERNEL_TYPES: dict[QType, _KernelType] = {
     QType.Q4_K: _KernelType(_lay(4, 0, 0, 256, 32, has_m=True), min_is_dmin=True),
     QType.Q5_K: _KernelType(_lay(4, 1, 0, 256, 32, has_m=True), min_is_dmin=True),
     QType.Q6_K: _KernelType(_lay(4, 2, 32, 256, 16)),
-    QType.TQ1_0: _KernelType(_lay(2, 0, 1, 256)),
+    QType.TQ1_0: _KernelType(AffineLayout(2, 0, 1, TRIT_BLOCK, TRIT_BLOCK, False, trits=True)),
     QType.TQ2_0: _KernelType(_lay(2, 0, 1, 256)),
 }
 
@@ -95,6 +96,9 @@ def pack_gguf(raw: torch.Tensor, qtype: QType, shape: tuple[int, int], name: str
         raise CpmkitError(f"{name}: {qtype.name} data {raw.dtype} {tuple(raw.shape)} does not hold a {n}x{k} "
                           f"weight (expected uint8 ({n}, {bl.row_bytes(k) if k % bl.block_size == 0 else '?'}))")
 
+    if kt.layout.trits:
+        return _pack_trits(raw, kt.layout, n, k)
+
     def chunks() -> Iterator[tuple[int, AffineCodes]]:
         step = rows_per_chunk(k)
         for n0 in range(0, n, step):
@@ -103,6 +107,17 @@ def pack_gguf(raw: torch.Tensor, qtype: QType, shape: tuple[int, int], name: str
             yield n0, _affine_codes(unpack(blocks, qtype), kt, part.shape[0])
 
     return pack_affine(chunks(), kt.layout, n, k)
+
+
+def _pack_trits(raw: torch.Tensor, lay: AffineLayout, n: int, k: int) -> PackedWeight:
+    """TQ1_0 rows as stored, only made K-major: per block, ``qs`` as 12 int32 words, ``qh`` as one, ``d``."""
+    fields = BLOCKS[QType.TQ1_0].split_fields(raw.reshape(n * k // TRIT_BLOCK, -1))
+
+    def k_major(t: torch.Tensor) -> torch.Tensor:  # (n * blocks, bytes) -> (blocks * bytes / 4, n) in its dtype
+        return t.contiguous().view(torch.int32 if t.dtype == torch.uint8 else t.dtype).reshape(n, -1).T.contiguous()
+
+    return PackedWeight(layout=lay, n=n, k=k, lo=k_major(fields["qs"]), hi=k_major(fields["qh"]),
+                        d=k_major(fields["d"]), m=None, sub_d=None, sub_m=None)
 
 
 @dataclass(frozen=True)
