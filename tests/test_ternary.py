@@ -13,12 +13,12 @@ from cpmkit.checkpoint import Checkpoint
 from cpmkit.cli import cli
 from cpmkit.convert.plugin import ConvertContext, LoadOptions, parse_target
 from cpmkit.convert.registry import FORMATS
-from cpmkit.convert.ternary.weight import TernaryPackWeight
+from cpmkit.convert.ternary.weight import BitNetWeight, TernaryPackWeight
 from cpmkit.errors import CpmkitError
-from cpmkit.formats import ternary
+from cpmkit.formats import bitnet, ternary
 from cpmkit.formats.safetensors import index_folder
 from cpmkit.kernels import Backend, QuantLinear
-from cpmkit.quant.ternary import absmean_ternary, exact_ternary
+from cpmkit.quant.ternary import TernaryGranularity, absmean_ternary, exact_ternary
 from cpmkit.testing import build_checkpoint
 
 GRANULARITIES = {"tensor": -1, "row": -1, "group128": 128, "group64": 64, "group32": 32}
@@ -203,3 +203,68 @@ def test_gptq_holds_ternary_weights_exactly(variant, options, exact, tmp_path):
     for name, tensor in ck.stream(["model.layers.0.self_attn.k_proj.weight", "model.layers.1.mlp.gate_proj.weight"]):
         same = torch.equal(model.get_submodule(name.removesuffix(".weight")).dequantize(), tensor.float())
         assert same == exact, name
+
+
+def test_bitnet_layout_is_what_transformers_packs_and_loads(tmp_path):
+    """transformers' own BitNet packer gives our bytes, and its loader (BitNetDeserialize into an offline
+    AutoBitLinear) gives back the source weights bit for bit as ``weight * weight_scale``."""
+    import torch._dynamo
+    from torch import nn
+    from transformers.integrations import bitnet as hf_bitnet
+
+    from cpmkit.models.reference import load_reference
+
+    source = build_checkpoint(tmp_path / "BitCPM4-0.5B", "bitcpm4", ternary="tensor")
+    ck = Checkpoint.open(source)
+    out = FORMATS["ternary"].convert(ck, parse_target("ternary:bitnet"), tmp_path / "bitnet", ConvertContext())
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "bitnet" and config["linear_class"] == "autobitlinear"
+    stored = index_folder(out, ("model.safetensors",), "bitnet")
+    linears = 0
+    for name, tensor in ck.stream():
+        if stored[name].dtype != torch.uint8:
+            assert torch.equal(stored[name].read(), tensor), name
+            continue
+        linears += 1
+        packed, scale = stored[name].read(), stored[name.removesuffix(".weight") + ".weight_scale"].read()
+        trits = torch.sign(tensor)
+        assert torch.equal(packed, hf_bitnet.pack_weights(trits.clone()))
+        holder = nn.Module()
+        holder.proj = hf_bitnet.AutoBitLinear(tensor.shape[1], tensor.shape[0], bias=False, dtype=tensor.dtype)
+        with torch._dynamo.config.patch(disable=True):  # its unpacker is torch.compile'd; the eager code is the same
+            loaded = hf_bitnet.BitNetDeserialize(None).convert({"weight": packed}, model=holder,
+                                                               full_layer_name="proj.weight")["weight"]
+        assert torch.equal(loaded * scale, tensor), name
+    assert linears == 7 * ck.spec.num_layers
+    model = FORMATS["ternary"].open(out, ck.spec, LoadOptions()).load()
+    ids = torch.randint(0, ck.spec.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(ids), load_reference(ck)(ids), atol=1e-4, rtol=1e-4)
+    info = FORMATS["ternary"].inspect(out)
+    assert info["variant"] == "bitnet" and info["lossless"] and info["granularity"] == "tensor"
+
+
+def test_bitnet_layout_refuses_finer_scales(tmp_path):
+    source = build_checkpoint(tmp_path / "BitCPM4-0.5B", "bitcpm4", ternary="row")
+    result = CliRunner().invoke(cli, ["convert", str(source), str(tmp_path / "out"), "--to", "ternary:bitnet"])
+    assert result.exit_code == 1 and "holds one scale per tensor" in result.stderr and "per row" in result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+    spec = Checkpoint.open(source).spec
+    reasons = FORMATS["ternary"].capabilities(spec, TernaryGranularity.ROW)
+    assert reasons["ternary"] is None and "one scale per tensor" in reasons["ternary-bitnet"]
+    assert FORMATS["ternary"].capabilities(spec, TernaryGranularity.TENSOR)["ternary-bitnet"] is None
+
+
+def test_bitnet_weight_kernel_matches_its_dequantization():
+    n, k = 40, 512
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 3, (n, k), dtype=torch.uint8, generator=gen)
+    buffers = {"weight": bitnet.pack_rows(codes), "weight_scale": torch.tensor([0.0371], dtype=torch.bfloat16)}
+    fmt = BitNetWeight((n, k))
+    expected = (codes.float() - 1) * buffers["weight_scale"].float()
+    assert torch.equal(QuantLinear(fmt, buffers, backend=Backend.TORCH).dequantize(), expected)
+    assert torch.equal(bitnet.unpack_rows(buffers["weight"], n), codes)
+    x = torch.randn(3, k, generator=gen)
+    got = QuantLinear(fmt, buffers, backend=Backend.TRITON)(x)
+    assert QuantLinear(fmt, buffers, backend=Backend.TRITON).packed().layout.channel
+    assert torch.allclose(got, x @ expected.T, rtol=1e-4, atol=1e-4)

@@ -3,7 +3,8 @@ per weight plus their scales, exactly, in cpmkit's ternary pack (``cpmkit.format
 made ternary by BitNet b1.58's absmean rule (lossy).
 
 Variants: ``ternary:2bit`` (exact, the default: the checkpoint's own granularity, per tensor, row or group of
-128/64/32, found by reading the weights; refused naming the first linear that is not ternary), and
+128/64/32, found by reading the weights; refused naming the first linear that is not ternary), ``ternary:bitnet``
+(exact, transformers' BitNet layout, for checkpoints ternary per tensor only), and
 ``ternary:2bit-absmean`` (per row) or ``ternary:2bit-absmean-g<group>`` (short ``ternary:absmean[-gG]``). Files:
 ``convert`` (the pack), ``load`` (the folder as cpmkit's model), ``weight`` (the kernels' view).
 """
@@ -24,7 +25,7 @@ from cpmkit.convert.plugin import (
 )
 from cpmkit.errors import CpmkitError
 
-_VARIANT = re.compile(r"(?:2bit|exact)|(?:2bit-)?absmean(?:-g(?P<group>\d+))?")
+_VARIANT = re.compile(r"(?:2bit|exact)|bitnet|(?:2bit-)?absmean(?:-g(?P<group>\d+))?")
 GROUP_SIZES = (32, 64, 128, 256)
 ABSMEAN_WARNING = ("ternary:absmean makes every block linear ternary with BitNet b1.58's rule: a model not trained "
                    "for ternary weights loses most of its quality (verify it)")
@@ -45,8 +46,10 @@ class TernaryFormat(FormatPlugin):
     def parse_variant(self, variant: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         match = _VARIANT.fullmatch(variant)
         if match is None:
-            raise CpmkitError("expected 2bit (exact, the default) or absmean[-gGROUP], e.g. ternary:2bit, "
-                              "ternary:absmean-g64")
+            raise CpmkitError("expected 2bit (exact, the default), bitnet (exact, transformers' layout) or "
+                              "absmean[-gGROUP], e.g. ternary:2bit, ternary:absmean-g64")
+        if variant == "bitnet":
+            return "bitnet", {**options, "bitnet": True}
         if "absmean" not in variant:
             return "2bit", options
         if match["group"] is None:
@@ -58,8 +61,11 @@ class TernaryFormat(FormatPlugin):
 
     def capabilities(self, spec, ternary):
         if ternary is None:
-            return {"ternary": "its linears are not ternary: only ternary:absmean (BitNet's rule, lossy) packs them"}
-        return {"ternary": None}
+            not_ternary = "its linears are not ternary: only ternary:absmean (BitNet's rule, lossy) packs them"
+            return {"ternary": not_ternary, "ternary-bitnet": not_ternary}
+        per_tensor = ternary.value == "tensor"
+        return {"ternary": None, "ternary-bitnet": None if per_tensor else (
+            f"transformers' BitNet layout holds one scale per tensor; these weights are ternary per {ternary.value}")}
 
     def why_not(self, spec, target: Target) -> str | None:
         return None  # whether the weights are ternary shows only in them: convert reads them and says
@@ -73,7 +79,8 @@ class TernaryFormat(FormatPlugin):
         if absmean:
             warnings.warn(f"{ck.root}: {ABSMEAN_WARNING}", stacklevel=2)
         return convert_to_ternary(ck, out, absmean=absmean, absmean_group=target.option("group_size"),
-                                  overwrite=ctx.overwrite, progress=ctx.progress, log=ctx.log)
+                                  bitnet_layout=target.option("bitnet", False), overwrite=ctx.overwrite,
+                                  progress=ctx.progress, log=ctx.log)
 
     def detect(self, path: Path) -> bool:
         from cpmkit.convert.ternary.load import read_ternary_config
@@ -107,7 +114,8 @@ class TernaryFormat(FormatPlugin):
         spec = self.open(path, None, LoadOptions()).spec
         _, q = read_ternary_config(path)
         return {"format": self.name, "variant": d.variant, "path": str(path), "architecture": spec.architecture,
-                "granularity": q["granularity"], "lossless": q["method"] == "exact", "file_size": d.file_size_bytes,
+                "granularity": q.get("granularity", "tensor"), "lossless": q.get("method", "exact") == "exact",
+                "file_size": d.file_size_bytes,
                 "bits_per_weight": round(d.bits_per_weight(spec.parameter_count()), 4)}
 
     def format_inspect(self, info: dict[str, Any]) -> str:
@@ -126,6 +134,19 @@ class TernaryFormat(FormatPlugin):
                             cache_dequantized=options.cache_dequantized)
 
     def usage(self, target: Target, where: Location, config: dict[str, Any]) -> str:
+        if target.variant == "bitnet":
+            return f"""## Run it
+
+transformers' BitNet layout (`quant_method: bitnet`, `linear_class: autobitlinear`, offline): each linear's
+ternary codes packed four rows to a byte and one scale per tensor, exactly the checkpoint's weights. cpmkit reads it
+(`cpmkit inspect`, `verify`); transformers loads it with its BitNet quantizer where it knows the architecture, and
+then quantizes activations to int8 per token (BitNet b1.58's runtime), so its outputs differ from the BF16
+model's even though the weights do not.
+
+```bash
+huggingface-cli download {where.repo_id} --local-dir bitnet && cpmkit inspect bitnet
+```
+"""
         return f"""## Run it
 
 cpmkit's ternary pack: 2-bit codes (t + 1, four per byte along each row) and the checkpoint's own scales, in
@@ -143,6 +164,8 @@ release (where every 256 weights share a scale).
 
 
 def _variant(q: dict) -> str:
+    if q.get("quant_method") == "bitnet":
+        return "bitnet"
     if q.get("method") != "absmean":
         return "2bit"
     return "2bit-absmean" + (f"-g{q['group_size']}" if q["group_size"] > 0 else "")

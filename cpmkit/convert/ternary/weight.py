@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 
 from cpmkit.errors import CpmkitError
-from cpmkit.formats import ternary
+from cpmkit.formats import bitnet, ternary
 from cpmkit.kernels.layout import (
     AffineCodes,
     AffineLayout,
@@ -76,3 +76,45 @@ class TernaryPackWeight:
 
     def describe(self) -> str:
         return f"ternary 2-bit, scale per {'row' if self.group_size == -1 else f'{self.group_size} weights'}"
+
+
+@dataclass(frozen=True)
+class BitNetWeight:
+    """A linear in transformers' BitNet layout (``cpmkit.formats.bitnet``): ``weight`` uint8 ``[ceil(N/4), K]``
+    in bands of rows and one ``weight_scale``; for the kernels, 2-bit codes with the scale per output channel."""
+
+    shape: tuple[int, int]  # (N, K)
+    linear_class: str = "autobitlinear"
+    buffer_names: tuple[str, ...] = ("weight", "weight_scale")
+
+    @property
+    def label(self) -> str:
+        return "bitnet"
+
+    def check(self, packed: torch.Tensor, scale: torch.Tensor, name: str) -> None:
+        n, k = self.shape
+        for key, tensor, shape in (("weight", packed, (-(-n // bitnet.BANDS), k)), ("weight_scale", scale, (1,))):
+            if tuple(tensor.shape) != shape:
+                raise CpmkitError(f"{name}: {key} has shape {list(tensor.shape)}, but a BitNet {n}x{k} weight "
+                                  f"needs {list(shape)}")
+        if packed.dtype != torch.uint8 or not scale.dtype.is_floating_point:
+            raise CpmkitError(f"{name}: a BitNet weight must be uint8 and weight_scale a float "
+                              f"(got {packed.dtype} and {scale.dtype})")
+
+    def dequantize(self, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return bitnet.dequantize(packed, scale, self.shape[0], self.linear_class)
+
+    def dequantize_rows(self, packed: torch.Tensor, scale: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return self.dequantize(packed, scale)[start:stop]
+
+    def pack(self, packed: torch.Tensor, scale: torch.Tensor, name: str) -> PackedWeight:
+        n, k = self.shape
+        s = scale.float() if self.linear_class == "autobitlinear" else 1 / scale.float()
+        lay = AffineLayout(lo_bits=2, hi_bits=0, zero=1, block=scale_block(-1, k), sub_block=scale_block(-1, k),
+                           has_m=False, channel=True)
+        codes = AffineCodes(layout=lay, codes=bitnet.unpack_rows(packed, n), d=s.expand(n, 1).contiguous(), m=None,
+                            sub_d=None, sub_m=None)
+        return pack_affine([(0, codes)], lay, n, k)
+
+    def describe(self) -> str:
+        return f"BitNet ternary ({self.linear_class}), one scale per tensor"
