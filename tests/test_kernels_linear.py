@@ -102,3 +102,25 @@ def test_errors_name_the_tensor(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(CpmkitError, match="TRITON_INTERPRET=1"):
         linear(torch.randn(2, K))
+
+
+def test_launch_plans_are_kept_per_layer_and_renewed(monkeypatch):
+    """A layer called again with the same batch reuses its strategy and tiles; a new tune cache or new buffers
+    choose again."""
+    import cpmkit.kernels.dispatch as dispatch
+
+    chosen = []
+    real = dispatch.plan
+    monkeypatch.setattr(dispatch, "plan", lambda *a: chosen.append(a[1]) or real(*a))
+    linear = make_linear("gguf-Q4_K", backend=Backend.TRITON)[0].to(DEVICE)
+    x = torch.randn(2, K, device=DEVICE)
+    first = linear(x)
+    assert torch.equal(linear(x), first) and chosen == [2]
+    linear(x[:1])
+    assert chosen == [2, 1]
+    linear.tune = dispatch.TuneCache("any")
+    linear(x)
+    assert chosen == [2, 1, 2]
+    linear.raw.add_(0)  # written in place: repacked, planned again
+    linear(x)
+    assert chosen == [2, 1, 2, 2]

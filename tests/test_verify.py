@@ -144,3 +144,19 @@ def test_artifact_path_in_report(tmp_path):
     inside = tmp_path / "shelf" / "model.gguf"
     assert run.path_in_report(inside, tmp_path) == "shelf/model.gguf"
     assert run.path_in_report(inside, tmp_path / "elsewhere") == "model.gguf"
+
+
+def test_bf16_activations_as_on_cuda(artifacts, tmp_path, monkeypatch):
+    """On CUDA verify runs bf16 activations: the same pipeline in bf16 (here on CPU) scores the reference and an
+    artifact close to the float32 scoring, under its own cache key."""
+    import torch
+
+    from cpmkit.verify.setup import score_dtype
+
+    assert score_dtype(torch.device("cpu")) == torch.float32 and score_dtype(torch.device("cuda")) == torch.bfloat16
+    f32, name = _verify(artifacts, artifacts.mlx8, tmp_path)
+    monkeypatch.setattr(run, "score_dtype", lambda device: torch.bfloat16)
+    bf16, _ = _verify(artifacts, artifacts.mlx8, tmp_path)
+    assert len(list(tmp_path.glob("*.npy"))) == 2, "bf16 and float32 scores are cached apart"
+    assert bf16.reference_metrics.ppl == pytest.approx(f32.reference_metrics.ppl, rel=0.02)
+    assert bf16.artifact(name).top1_agreement > 0.9 and bf16.artifact(name).kld.mean < 0.01

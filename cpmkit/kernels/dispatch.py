@@ -212,8 +212,14 @@ def run(strategy: Strategy, x2d: torch.Tensor, w: PackedWeight, cfg: Config) -> 
     return _RUNNERS[strategy][0](x2d, w, cfg)
 
 
-def quant_matmul(x: torch.Tensor, w: PackedWeight, tune: TuneCache | None = None) -> torch.Tensor:
-    """``x [..., K]`` (bf16/fp16/fp32) times ``dequant(w).T`` -> ``[..., N]`` in x's dtype, on Triton."""
+PLANS_KEPT = 64  # plans a layer keeps (distinct batch sizes); more are computed again
+
+
+def quant_matmul(x: torch.Tensor, w: PackedWeight, tune: TuneCache | None = None,
+                 plans: dict | None = None) -> torch.Tensor:
+    """``x [..., K]`` (bf16/fp16/fp32) times ``dequant(w).T`` -> ``[..., N]`` in x's dtype, on Triton.
+    ``plans``: the caller's dict of plans by (rows, dtype), filled on first use, so that a layer called again
+    with the same batch skips choosing its strategy and tiles (the caller clears it when w or tune change)."""
     if x.dtype not in ACTIVATION_DTYPES or x.shape[-1] != w.k:
         raise CpmkitError(f"dequant matmul: input {x.dtype} {tuple(x.shape)} does not fit a {w.n}x{w.k} weight; "
                           "expected float32/float16/bfloat16 with last dimension K")
@@ -227,7 +233,12 @@ def quant_matmul(x: torch.Tensor, w: PackedWeight, tune: TuneCache | None = None
         return x.new_empty((*x.shape[:-1], w.n))
     if max(m * x2d.stride(0), m * w.n) >= MAX_OFFSET:
         raise CpmkitError(f"dequant matmul: {m} rows of a {w.n}x{w.k} weight exceed int32 offsets; split the batch")
-    strategy, cfg = plan(w, m, x.dtype, tune)
+    chosen = None if plans is None else plans.get((m, x.dtype))
+    if chosen is None:
+        chosen = plan(w, m, x.dtype, tune)
+        if plans is not None and len(plans) < PLANS_KEPT:
+            plans[(m, x.dtype)] = chosen
+    strategy, cfg = chosen
     return run(strategy, x2d, w, cfg).reshape(*x.shape[:-1], w.n)
 
 

@@ -91,7 +91,8 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = fmt.shape
         self.backend = Backend(backend)
         self.cache_dequantized = cache_dequantized
-        self.tune = None
+        self._tune = None
+        self._plans: dict = {}  # (rows, dtype) -> the dispatcher's (strategy, config), for this packed weight
         for b in fmt.buffer_names:
             self.register_buffer(b, tensors[b])
         if bias is not None and tuple(bias.shape) != (self.out_features,):
@@ -100,6 +101,15 @@ class QuantLinear(nn.Module):
         # derived from the buffers, each with the _source_key() it was built from
         self._packed: tuple[tuple, PackedWeight] | None = None
         self._dequantized: tuple[tuple, torch.Tensor] | None = None
+
+    @property
+    def tune(self):
+        return self._tune
+
+    @tune.setter
+    def tune(self, cache) -> None:
+        self._tune = cache
+        self._plans = {}
 
     def _source(self) -> list[torch.Tensor]:
         return [getattr(self, b) for b in self.fmt.buffer_names]
@@ -118,6 +128,7 @@ class QuantLinear(nn.Module):
         key = self._source_key()
         if self._packed is None or self._packed[0] != key:
             self._packed = (key, self.fmt.pack(*self._source(), self.name))
+            self._plans = {}
         return self._packed[1]
 
     def _use_triton(self, x: torch.Tensor) -> bool:
@@ -135,6 +146,7 @@ class QuantLinear(nn.Module):
     def clear_cache(self) -> None:
         """Drop the repacked and dequantized copies (the buffers themselves stay)."""
         self._packed = self._dequantized = None
+        self._plans = {}
 
     def _torch_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` in float32: with ``cache_dequantized``, over the kept float32 weight; otherwise a row
@@ -159,7 +171,7 @@ class QuantLinear(nn.Module):
         if self._use_triton(x):
             from cpmkit.kernels.dispatch import quant_matmul
 
-            y = quant_matmul(x, self.packed(), self.tune)
+            y = quant_matmul(x, self.packed(), self.tune, self._plans)
         else:
             y = self._torch_matmul(x).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)

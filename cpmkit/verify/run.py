@@ -3,10 +3,11 @@
 A :class:`Verifier` holds one reference checkpoint, one evaluation text cut into llama-perplexity's windows,
 and one device. Every model (the reference, then each artifact) runs through the layer-streamed runner
 (``cpmkit.models.streamed``): one part in memory at a time, its weights in their stored dtype (bf16, or the
-artifact's quantized bytes), activations and log-probs in float32, so an 8B model verifies on a 24 GB
-machine, or on a GPU smaller than the model. The reference's log-probabilities at the scored positions are
-computed once and kept on disk under a key of everything they depend on (the reference weights' SHA-256,
-the window token ids, ctx, the device type, cpmkit's version), written and read one window at a time
+artifact's quantized bytes), so an 8B model verifies on a 24 GB machine, or on a GPU smaller than the model.
+Activations are float32 on CPU and bf16 on CUDA, as a deployment runs them (the kernels and cuBLAS accumulate
+in float32); log-probs are float32. The reference's log-probabilities at the scored positions are computed once
+and kept on disk under a key of everything they depend on (the reference weights' SHA-256, the window token
+ids, ctx, the device type and activation dtype, cpmkit's version), written and read one window at a time
 (``logprob_cache``), so verifying a shelf of artifacts, or verifying again later, runs the reference once.
 Each artifact then gets perplexity, KL divergence from the reference (mean, p99, max, histogram), top-1
 agreement, its size and bits per weight, and optionally its speed.
@@ -70,10 +71,10 @@ from cpmkit.verify.setup import (
     fits_in_memory,
     report_device,
     resolve_device,
+    score_dtype,
 )
 
 ProgressFactory = Callable[[str, str], Callable[[Iterable], Iterable]]  # (description, unit) -> wrapper
-SCORE_DTYPE = torch.float32
 CPU_SCORING_NOTE = "dequantized weights cached per block for scoring"
 CPU_SPEED_NOTE = "dequantize + matmul on every call"
 
@@ -106,6 +107,7 @@ class Verifier:
         self.reference = describe_reference(ck, source)
         self.evaluation = Evaluation(text.source, hashlib.sha256(text.text.encode("utf-8")).hexdigest(), ctx,
                                      self.windows.tokens.shape[0], self.windows.n_scored)
+        self.score_dtype = score_dtype(self.device)
         self.scoring_device = report_device(self.device, CPU_SCORING_NOTE)
         self.speed_device = report_device(self.device, CPU_SPEED_NOTE)
         self._reference_file: LogprobFile | None = None
@@ -119,7 +121,7 @@ class Verifier:
     def cache_key(self) -> str:
         parts = {"cpmkit": __version__, "weights": self.reference.content_sha256, "ctx": self.windows.ctx,
                  "windows": hashlib.sha256(self.windows.tokens.numpy().astype("<i8").tobytes()).hexdigest(),
-                 "device": self.device.type, "dtype": str(SCORE_DTYPE)}
+                 "device": self.device.type, "dtype": str(self.score_dtype)}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     @property
@@ -136,7 +138,7 @@ class Verifier:
         if self._reference_file is None:
             path = self.cache_file
             if not LogprobFile.valid(path, self._cache_shape):
-                source = checkpoint_source(self.ck, SCORE_DTYPE)
+                source = checkpoint_source(self.ck, self.score_dtype)
                 write_logprobs(path, self._cache_shape, self._logprobs(source, "scoring reference"))
             self._reference_file = LogprobFile(path)
         return self._reference_file
@@ -185,7 +187,7 @@ class Verifier:
         for note in description.notes:
             self.log(f"{path}: {note}")
         variant = variant or description.variant
-        source = self.open_artifact(path, LoadOptions(SCORE_DTYPE, Backend.AUTO))
+        source = self.open_artifact(path, LoadOptions(self.score_dtype, Backend.AUTO))
         self.reference_logprobs()  # before the artifact's pass, so the two never run at once
         ppl, divergence, histogram = self._score(source, f"scoring {description.format}:{variant}")
         return Artifact(

@@ -58,10 +58,18 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine() or "CPU"
 
 
+def score_dtype(device: torch.device) -> torch.dtype:
+    """The activations' dtype for scoring: bf16 on CUDA (what a deployment runs; the kernels and cuBLAS
+    accumulate in float32), float32 on CPU (the torch path dequantizes to float32 anyway)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def report_device(device: torch.device, note: str) -> Device:
-    """The report's device; on CPU the name says how the torch path ran (the kernel path alone cannot)."""
+    """The report's device; on CPU the name says how the torch path ran (the kernel path alone cannot), on CUDA
+    the activations' dtype."""
     if device.type == "cuda":
-        return Device(DeviceType.CUDA, device_name(device), KernelPath.TRITON)
+        return Device(DeviceType.CUDA, f"{device_name(device)}; bf16 activations, float32 accumulation",
+                      KernelPath.TRITON)
     return Device(DeviceType.CPU, f"{device_name(device)}; {note}", KernelPath.TORCH)
 
 
