@@ -25,7 +25,7 @@ What an H100 SXM (HBM3, 3.35 TB/s spec, ~2.9-3.0 TB/s copy) should show:
   rows and decodes with a shift, a mask and one FMA per weight; expect 60-80 % of the copy bandwidth on
   gate/up/down (16-67 M weights), i.e. roughly 2.2-2.8x over BF16 for the 4-bit formats, and less on
   q/o and far less on k/v (256 x 1536..4096 = 0.2-0.6 MB: a few microseconds, dominated by launch and
-  tail effects; split-K adds a second small kernel to sum partials). Below about 50 % on the large
+  tail effects; split-K partials are summed inside the kernel). Below about 50 % on the large
   layers means the decode is instruction-bound (check the GEMV tiles the tuner chose) and is the first
   thing to look at.
 * Batch 16 and 64 run the tiled tensor-core GEMM: still bandwidth-bound for BF16 (64 FLOP per weight

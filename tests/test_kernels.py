@@ -1,13 +1,14 @@
-"""Both dequant-GEMM strategies, every format, against ``x @ W.T`` in float32 with W decoded by an
+"""Every dequant-GEMM strategy, every format, against ``x @ W.T`` in float32 with W decoded by an
 independent reader (gguf-py, mlx). On CPU the kernels run under TRITON_INTERPRET (tests/conftest.py).
 
 Tolerances, ``|y - ref| <= rtol * |ref| + atol * rms(ref)`` per path:
 
 | path                 | rtol  | atol | why                                                            |
 | -------------------- | ----- | ---- | -------------------------------------------------------------- |
-| GEMV, GEMM; fp32 in  | 1e-5  | 1e-5 | float32 decode and accumulation; only the summation order differs |
-| GEMV; bf16 in        | 2^-8  | 1e-5 | float32 math, output rounded to bf16                            |
-| GEMM; bf16 in        | 2^-8  | 2e-2 | decoded weight rounded to bf16 for the MMA (interpreter: truncated) |
+| GEMV, GEMM, DEQUANT; fp32 in | 1e-5 | 1e-5 | float32 decode and accumulation; only the summation order differs |
+| GEMV; bf16 in        | 2^-7  | 1e-5 | float32 math, output cast to bf16 in the kernel (interpreter: truncated) |
+| GEMM; bf16 in        | 2^-7  | 2e-2 | decoded weight rounded to bf16 for the MMA, output cast in the kernel |
+| DEQUANT; bf16 in     | 2^-8  | 2e-2 | weight rounded to bf16, torch's bf16 matmul                      |
 | STREAM; fp32 in      | 1e-5  | 1e-4 | codes as 1 + q/2^bits: the chunk's sum of x is subtracted back out |
 | STREAM; bf16 in      | 2^-7  | 1e-4 | the same, output cast to bf16 in the kernel (interpreter: truncated) |
 """
@@ -39,6 +40,7 @@ from cpmkit.kernels.gemm_tiled import GemmConfig, gemm, reference_gemm
 from cpmkit.kernels.gemv_splitk import GemvConfig, gemv, reference_gemv
 from cpmkit.kernels.gemv_stream import StreamConfig, stream_gemv
 from cpmkit.kernels.layout import AffineCodes, AffineLayout, pack_affine
+from cpmkit.kernels.splitk import COUNTERS
 from cpmkit.kernels.trits import reference_trits
 
 # Tiles smaller than the shapes on purpose: 2 column tiles (the second ragged), 2-way split-K, K tiles
@@ -53,8 +55,8 @@ TOLERANCES = {  # (strategy, input dtype) -> (rtol, atol as a fraction of rms(re
     (Strategy.GEMV, torch.float32): (1e-5, 1e-5),
     (Strategy.GEMM, torch.float32): (1e-5, 1e-5),
     (Strategy.DEQUANT, torch.float32): (1e-5, 1e-5),
-    (Strategy.GEMV, torch.bfloat16): (2**-8, 1e-5),
-    (Strategy.GEMM, torch.bfloat16): (2**-8, 2e-2),
+    (Strategy.GEMV, torch.bfloat16): (2**-7, 1e-5),
+    (Strategy.GEMM, torch.bfloat16): (2**-7, 2e-2),
     (Strategy.DEQUANT, torch.bfloat16): (2**-8, 2e-2),
     (Strategy.STREAM, torch.float32): (1e-5, 1e-4),
     (Strategy.STREAM, torch.bfloat16): (2**-7, 1e-4),
@@ -135,6 +137,17 @@ def test_split_k_does_not_change_the_result():
     whole = gemv(x, w, GemvConfig(block_n=64, block_k=128, split_k=1))
     for split in (2, 3, 4):  # 3 does not divide the 4 K tiles: the last split is short
         torch.testing.assert_close(gemv(x, w, GemvConfig(64, 128, split)), whole, rtol=1e-6, atol=1e-6)
+
+
+def test_gemm_split_k_is_summed_in_the_kernel_deterministically():
+    w = make_linear("mlx-4bit-g64-float16")[0].to(DEVICE).packed()
+    x = torch.randn(20, K, generator=torch.Generator().manual_seed(14)).to(DEVICE)
+    whole = gemm(x, w, GemmConfig(16, 32, 64, split_k=1))
+    for split in (2, 3, 8):
+        y = gemm(x, w, GemmConfig(16, 32, 64, split_k=split))
+        torch.testing.assert_close(y, whole, rtol=1e-5, atol=1e-6)
+        assert torch.equal(gemm(x, w, GemmConfig(16, 32, 64, split_k=split)), y)
+    assert not COUNTERS.get(x.device, 1).any(), "every arrival counter is left at zero"
 
 
 def test_references_model_the_kernels():

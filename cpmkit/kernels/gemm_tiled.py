@@ -5,7 +5,8 @@ Operands:
     W      a :class:`~cpmkit.kernels.layout.PackedWeight` for ``W [N, K]``: int32 code planes
            ``[K * bits / 32, N]`` plus per-group scales ``[K / group, N]``, all K-major with N contiguous
            (layout and decoding rule in ``cpmkit.kernels.layout``)
-    out    ``[SPLIT_K, M, N]`` partial sums (float32 when SPLIT_K > 1, else x's dtype), summed by the host
+    out    ``[M, N]`` in x's dtype; with SPLIT_K > 1 the float32 slices ``ws [SPLIT_K, M, N]`` are added in the
+           kernel (``cpmkit.kernels.splitk``)
 
 Grid ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)``, output tiles visited in groups of GROUP_M
 row-tiles so that a decoded weight column stays in L2 while GROUP_M activation tiles use it. Per K
@@ -27,6 +28,7 @@ import triton.language as tl
 
 from cpmkit.kernels.decode import channel_epilogue, decode_tile
 from cpmkit.kernels.layout import AffineLayout, PackedWeight
+from cpmkit.kernels.splitk import outputs, store_tile
 
 DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -50,8 +52,8 @@ class GemmConfig:
 
 @triton.jit
 def gemm_kernel(
-    # activations [M, K] and partial outputs [SPLIT_K, M, N]
-    x_ptr, out_ptr, M, N, K, stride_xm,
+    # activations [M, K], output [M, N], split-K slices and counters
+    x_ptr, out_ptr, ws_ptr, count_ptr, M, N, K, stride_xm,
     # packed weight
     lo_ptr, hi_ptr, d_ptr, m_ptr, sub_d_ptr, sub_m_ptr,
     # layout (AffineLayout)
@@ -102,8 +104,7 @@ def gemm_kernel(
     if CHANNEL:
         acc = channel_epilogue(acc, x_sum, d_ptr, m_ptr, offs_n, mask_n, HAS_M)
 
-    out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    store_tile(out_ptr, ws_ptr, count_ptr, acc, offs_m, offs_n, M, N, pid, pid_k, SPLIT_K)
 
 
 def _launch(x: torch.Tensor, w: PackedWeight, cfg: GemmConfig) -> torch.Tensor:
@@ -113,11 +114,10 @@ def _launch(x: torch.Tensor, w: PackedWeight, cfg: GemmConfig) -> torch.Tensor:
     assert k == w.k and x.stride(1) == 1 and x.dtype in DOT_DTYPES, (x.shape, x.stride(), x.dtype, w.k)
     assert k % cfg.block_k == 0 and cfg.block_k % 32 == 0 and min(cfg.block_m, cfg.block_n) >= 16, (k, cfg)
     assert cfg.split_k * m * w.n < 2**31, "int32 output offsets"  # split-K is only chosen for small grids
-    partial_dtype = torch.float32 if cfg.split_k > 1 else x.dtype
-    out = torch.empty((cfg.split_k, m, w.n), dtype=partial_dtype, device=x.device)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(w.n, cfg.block_n), cfg.split_k)
-    gemm_kernel[grid](
-        x, out, m, w.n, k, x.stride(0),
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(w.n, cfg.block_n)
+    out, ws, counters = outputs(x, w.n, cfg.split_k, tiles)
+    gemm_kernel[(tiles, cfg.split_k)](
+        x, out, ws, counters, m, w.n, k, x.stride(0),
         w.lo, w.hi, w.d, w.m, w.sub_d, w.sub_m,
         lay.lo_bits, lay.hi_bits, lay.zero, lay.block, lay.sub_block, lay.has_m, lay.channel,
         DOT_DTYPES[x.dtype], "ieee" if x.dtype == torch.float32 else "tf32",
@@ -126,7 +126,7 @@ def _launch(x: torch.Tensor, w: PackedWeight, cfg: GemmConfig) -> torch.Tensor:
         cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out[0] if cfg.split_k == 1 else out.sum(0).to(x.dtype)
+    return out
 
 
 @torch.library.custom_op("cpmkit::dequant_gemm", mutates_args=())

@@ -5,7 +5,8 @@ Operands:
     W      a :class:`~cpmkit.kernels.layout.PackedWeight` for ``W [N, K]``: int32 code planes
            ``[K * bits / 32, N]`` plus per-group scales ``[K / group, N]``, all K-major with N contiguous
            (layout and decoding rule in ``cpmkit.kernels.layout``)
-    out    ``[SPLIT_K, M, N]`` partial sums (float32 when SPLIT_K > 1, else x's dtype), summed by the host
+    out    ``[M, N]`` in x's dtype; with SPLIT_K > 1 the float32 slices ``ws [SPLIT_K, M, N]`` are added in the
+           kernel (``cpmkit.kernels.splitk``)
 
 Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``: program ``(j, s)`` owns output channels ``j*BLOCK_N ...`` and the
 ``s``-th contiguous slice of the K tiles. At batch 1 the work is bound by reading W once, so the design
@@ -33,6 +34,7 @@ import triton.language as tl
 
 from cpmkit.kernels.decode import channel_epilogue, decode_tile
 from cpmkit.kernels.layout import AffineLayout, PackedWeight
+from cpmkit.kernels.splitk import outputs, store_tile
 
 MAX_M = 16  # rows of x a program holds; dispatch sends larger batches to the tiled GEMM
 
@@ -54,8 +56,8 @@ class GemvConfig:
 
 @triton.jit
 def gemv_kernel(
-    # activations [M, K] and partial outputs [SPLIT_K, M, N]
-    x_ptr, out_ptr, M, N, K, stride_xm,
+    # activations [M, K], output [M, N], split-K slices and counters
+    x_ptr, out_ptr, ws_ptr, count_ptr, M, N, K, stride_xm,
     # packed weight
     lo_ptr, hi_ptr, d_ptr, m_ptr, sub_d_ptr, sub_m_ptr,
     # layout (AffineLayout)
@@ -89,8 +91,7 @@ def gemv_kernel(
     if CHANNEL:
         acc = channel_epilogue(acc, x_sum, d_ptr, m_ptr, offs_n, mask_n, HAS_M)
 
-    out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    store_tile(out_ptr, ws_ptr, count_ptr, acc, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT_K)
 
 
 def _launch(x: torch.Tensor, w: PackedWeight, cfg: GemvConfig) -> torch.Tensor:
@@ -100,17 +101,16 @@ def _launch(x: torch.Tensor, w: PackedWeight, cfg: GemvConfig) -> torch.Tensor:
     assert m <= MAX_M and k == w.k and x.stride(1) == 1, (x.shape, x.stride(), w.k)
     assert k % cfg.block_k == 0 and cfg.block_k % 32 == 0, (k, cfg)
     assert cfg.split_k * m * w.n < 2**31, "int32 output offsets"  # split-K is only chosen for small grids
-    partial_dtype = torch.float32 if cfg.split_k > 1 else x.dtype
-    out = torch.empty((cfg.split_k, m, w.n), dtype=partial_dtype, device=x.device)
-    grid = (triton.cdiv(w.n, cfg.block_n), cfg.split_k)
-    gemv_kernel[grid](
-        x, out, m, w.n, k, x.stride(0),
+    tiles = triton.cdiv(w.n, cfg.block_n)
+    out, ws, counters = outputs(x, w.n, cfg.split_k, tiles)
+    gemv_kernel[(tiles, cfg.split_k)](
+        x, out, ws, counters, m, w.n, k, x.stride(0),
         w.lo, w.hi, w.d, w.m, w.sub_d, w.sub_m,
         lay.lo_bits, lay.hi_bits, lay.zero, lay.block, lay.sub_block, lay.has_m, lay.channel,
         triton.next_power_of_2(m), cfg.block_n, cfg.block_k, cfg.split_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out[0] if cfg.split_k == 1 else out.sum(0).to(x.dtype)
+    return out
 
 
 @torch.library.custom_op("cpmkit::dequant_gemv", mutates_args=())

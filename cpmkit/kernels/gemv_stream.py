@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from cpmkit.kernels.layout import TRIT_BLOCK, AffineLayout, PackedWeight
+from cpmkit.kernels.splitk import COUNTERS
 
 MAX_M = 4
 MAX_CHUNK = 64
@@ -283,22 +284,6 @@ def stream_kernel(
             tl.atomic_xchg(count_ptr + pid_n, 0)
 
 
-class _Counters:
-    """One zeroed int32 arrival counter per column block, per device; each kernel leaves them zero again.
-    Calls that overlap (two CUDA streams) would share them, so the GEMV is for one stream at a time."""
-
-    def __init__(self):
-        self._by_device: dict[torch.device, torch.Tensor] = {}
-
-    def get(self, device: torch.device, n: int) -> torch.Tensor:
-        have = self._by_device.get(device)
-        if have is None or have.numel() < n:
-            have = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-            self._by_device[device] = have
-        return have
-
-
-COUNTERS = _Counters()
 
 
 def stream_gemv(x: torch.Tensor, w: PackedWeight, cfg: StreamConfig) -> torch.Tensor:

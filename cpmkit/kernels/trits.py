@@ -21,7 +21,6 @@ import triton
 import triton.language as tl
 
 from cpmkit.kernels.gemv_stream import (
-    COUNTERS,
     MAX_M,
     StreamConfig,
     _reduce_splits,
@@ -30,6 +29,7 @@ from cpmkit.kernels.gemv_stream import (
     _x_sum,
 )
 from cpmkit.kernels.layout import TRIT_BLOCK, TRIT_WORDS, PackedWeight
+from cpmkit.kernels.splitk import COUNTERS
 
 BYTE_LANES = 0x00FF00FF  # bytes 0 and 2 of a word, each alone in a 16-bit lane
 TRIT_FIELD = 3 << 21  # where a trit sits in the float 1 + t / 4
