@@ -124,3 +124,35 @@ def test_launch_plans_are_kept_per_layer_and_renewed(monkeypatch):
     linear.raw.add_(0)  # written in place: repacked, planned again
     linear(x)
     assert chosen == [2, 1, 2, 2]
+
+
+def test_fused_projections_run_as_one_launch(monkeypatch):
+    """q/k/v-like linears of one layout run as one kernel over their joined weights, with the same outputs as
+    one at a time (biases added after the split); differing layouts or a hook fall back to separate calls."""
+    import cpmkit.kernels.dispatch as dispatch
+    from cpmkit.kernels.linear import fused_forward
+
+    raw_q, _ = gguf_weight(QType.Q4_K, seed=1)
+    raw_k, _ = gguf_weight(QType.Q4_K, seed=2, n=8)
+    raw_v6, _ = gguf_weight(QType.Q6_K, seed=3, n=8)
+    bias = torch.randn(8, generator=torch.Generator().manual_seed(4))
+    q = gguf_linear(raw_q, QType.Q4_K, (N, K), backend=Backend.TRITON).to(DEVICE)
+    k = gguf_linear(raw_k, QType.Q4_K, (8, K), backend=Backend.TRITON, bias=bias).to(DEVICE)
+    v6 = gguf_linear(raw_v6, QType.Q6_K, (8, K), backend=Backend.TRITON).to(DEVICE)
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    separate = [q(x), k(x)]
+    launches = []
+    real = dispatch.quant_matmul
+    monkeypatch.setattr(dispatch, "quant_matmul", lambda x, w, *a: launches.append(w.n) or real(x, w, *a))
+    fused = fused_forward(x, q, k)
+    assert launches == [N + 8] and q._packed is None and k._packed is None  # one joined copy, not three
+    for a, b in zip(fused, separate):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    launches.clear()
+    mixed = fused_forward(x, q, k, v6)
+    assert launches == [N, 8, 8] and torch.equal(mixed[2], v6(x))
+    launches.clear()
+    handle = k.register_forward_hook(lambda *args: None)
+    fused_forward(x, q, k)
+    assert launches == [N, 8]
+    handle.remove()

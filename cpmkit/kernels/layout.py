@@ -143,6 +143,21 @@ class PackedWeight:
         return sum(t.numel() * t.element_size() for t in self.tensors().values() if t is not None)
 
 
+def concat_outputs(weights: list[PackedWeight]) -> PackedWeight | None:
+    """The weights of several linears over the same input side by side (``[sum N, K]``), as one; None when
+    their layouts, K, input orders or tensor dtypes differ."""
+    first = weights[0]
+    for w in weights[1:]:
+        same_perm = (w.perm is None) == (first.perm is None) and (w.perm is None or torch.equal(w.perm, first.perm))
+        same_dtypes = all((a is None) == (b is None) and (a is None or a.dtype == b.dtype)
+                          for a, b in zip(first.tensors().values(), w.tensors().values()))
+        if w.layout != first.layout or w.k != first.k or not same_perm or not same_dtypes:
+            return None
+    joined = {name: None if t is None else torch.cat([w.tensors()[name] for w in weights], dim=1)
+              for name, t in first.tensors().items()}
+    return PackedWeight(layout=first.layout, n=sum(w.n for w in weights), k=first.k, perm=first.perm, **joined)
+
+
 def pack_plane(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes ``[R, K]`` (each ``< 2**bits``) -> int32 words ``[R, K * bits / 32]``, LSB first along K."""
     assert bits in PLANE_BITS and codes.dtype == torch.uint8, (bits, codes.dtype)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from cpmkit.errors import CpmkitError
-from cpmkit.kernels.layout import PackedWeight
+from cpmkit.kernels.layout import PackedWeight, concat_outputs
 
 DEQUANT_CHUNK_ELEMENTS = 1 << 22  # weights dequantized at once by the uncached torch path
 
@@ -101,6 +101,9 @@ class QuantLinear(nn.Module):
         # derived from the buffers, each with the _source_key() it was built from
         self._packed: tuple[tuple, PackedWeight] | None = None
         self._dequantized: tuple[tuple, torch.Tensor] | None = None
+        # this linear's weights beside those of linears on the same input (fused_forward), and its plans
+        self._fused: tuple[tuple, PackedWeight | None] | None = None
+        self._fused_plans: dict = {}
 
     @property
     def tune(self):
@@ -145,8 +148,20 @@ class QuantLinear(nn.Module):
 
     def clear_cache(self) -> None:
         """Drop the repacked and dequantized copies (the buffers themselves stay)."""
-        self._packed = self._dequantized = None
-        self._plans = {}
+        self._packed = self._dequantized = self._fused = None
+        self._plans, self._fused_plans = {}, {}
+
+    def fused_with(self, others: tuple[QuantLinear, ...]) -> PackedWeight | None:
+        """This linear's kernel weight side by side with ``others``' (None when their layouts differ), built once
+        for the buffers as they are; the separate packed copies are dropped once joined."""
+        key = tuple((id(m), *m._source_key()) for m in (self, *others))
+        if self._fused is None or self._fused[0] != key:
+            joined = concat_outputs([m.packed() for m in (self, *others)])
+            if joined is not None:
+                for m in (self, *others):
+                    m._packed = None
+            self._fused, self._fused_plans = (key, joined), {}
+        return self._fused[1]
 
     def _torch_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` in float32: with ``cache_dequantized``, over the kept float32 weight; otherwise a row
@@ -179,3 +194,20 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.fmt.describe()}, "
                 f"bias={self.bias is not None}, backend={self.backend.value}")
+
+
+def fused_forward(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
+    """``[linear(x) for linear in linears]`` for linears that read the same input (q/k/v, gate/up): one kernel
+    launch over their weights side by side when all are QuantLinears on the Triton path with one layout and no
+    hooks (calibration and tracing see each module called), each in turn otherwise."""
+    first = linears[0]
+    if not all(isinstance(m, QuantLinear) and m._use_triton(x) and not (m._forward_hooks or m._forward_pre_hooks)
+               and m.in_features == first.in_features for m in linears):
+        return [m(x) for m in linears]
+    joined = first.fused_with(linears[1:])
+    if joined is None or x.shape[-1] != first.in_features:
+        return [m(x) for m in linears]
+    from cpmkit.kernels.dispatch import quant_matmul
+
+    outs = quant_matmul(x, joined, first.tune, first._fused_plans).split([m.out_features for m in linears], dim=-1)
+    return [y if m.bias is None else y + m.bias.to(y.dtype) for y, m in zip(outs, linears)]

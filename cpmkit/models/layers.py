@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpmkit.kernels.linear import linear_by_rows
+from cpmkit.kernels.linear import fused_forward, linear_by_rows
 from cpmkit.spec import Activation, ModelSpec, RopeKind, RopeSpec
 
 # (name, in_features, out_features) -> module mapping [..., in] to [..., out]; ``name`` is the HF tensor
@@ -199,9 +199,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = fused_forward(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
@@ -241,7 +242,8 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (getattr(self, n) for n in self._names)
-        return down(self.act(gate(x)) * up(x))
+        g, u = fused_forward(x, gate, up)
+        return down(self.act(g) * u)
 
 
 class DecoderLayer(nn.Module):
