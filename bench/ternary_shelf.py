@@ -5,7 +5,8 @@ verified by ``cpmkit release`` against the BF16 checkpoint. Prints size, bits pe
     python bench/ternary_shelf.py [--granularity row|group64|...] [--work /tmp/cpmkit-bench-ternary]
 
 The packs: ternary:2bit, gguf:TQ2_0 and gguf:TQ1_0 (per-row and per-tensor scales only; TQ holds one scale per
-256 weights; llama-quantize's rules put the token embedding in Q4_K), gptq:2bit-g32 round to nearest and
+256 weights; llama-quantize's rules put the token embedding in Q4_K), ternary:bitnet (per-tensor only),
+gptq:2bit-g32 round to nearest and
 mlx:2bit-g32 / mlx:8bit-g32 (their exact ternary encodings of the linears; MLX also quantizes the embedding at the
 variant's bits, as mlx-lm does). The weights are random, so the perplexity means nothing; the KLD and top-1
 against the reference show whether a pack is lossless.
@@ -81,6 +82,8 @@ def main() -> None:
                '{ to = "mlx:8bit-g32" }']
     if args.granularity in ("tensor", "row"):
         targets += ['{ to = "gguf:TQ2_0" }', '{ to = "gguf:TQ1_0" }']
+    if args.granularity == "tensor":
+        targets.append('{ to = "ternary:bitnet" }')
     recipe = args.work / "recipe.toml"
     recipe.write_text(f"targets = [{', '.join(targets)}]\n")
     text = args.work / "heldout.txt"
