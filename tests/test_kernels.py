@@ -30,7 +30,6 @@ from cpmkit.formats.gguf.layout import BLOCKS
 from cpmkit.kernels.dequant import DequantConfig
 from cpmkit.kernels.dispatch import (
     DEQUANT_MIN_M,
-    GEMV_MAX_M,
     Strategy,
     choose_strategy,
     run,
@@ -189,9 +188,8 @@ def test_custom_ops_compute_what_the_eager_launch_does(op):
 
 def test_dispatch_rule():
     w = make_linear("gguf-Q4_K")[0].packed()
-    assert [choose_strategy(m, w) for m in (1, 4, 5, GEMV_MAX_M, GEMV_MAX_M + 1, DEQUANT_MIN_M - 1,
-                                            DEQUANT_MIN_M)] == [
-        Strategy.STREAM, Strategy.STREAM, Strategy.GEMV, Strategy.GEMV, Strategy.GEMM, Strategy.GEMM, Strategy.DEQUANT]
+    assert [choose_strategy(m, w) for m in (1, 4, 5, 8, DEQUANT_MIN_M - 1, DEQUANT_MIN_M)] == [
+        Strategy.STREAM, Strategy.STREAM, Strategy.GEMM, Strategy.GEMM, Strategy.GEMM, Strategy.DEQUANT]
     trits = make_linear("gguf-TQ1_0")[0].packed()
     assert [choose_strategy(m, trits) for m in (1, 4, 5, 17)] == [Strategy.STREAM] * 2 + [Strategy.DEQUANT] * 2
 

@@ -1,9 +1,11 @@
 """Which dequant-GEMM strategy and tile configuration runs a given call, and autotuning.
 
 The rule: ``M <= STREAM_MAX_M`` runs the streaming GEMV (every layout whose scale groups hold whole code
-words; TQ1_0's stored form has its own, ``cpmkit.kernels.trits``), other ``M <= GEMV_MAX_M`` (decode-sized
-batches) the split-K GEMV, ``M >= DEQUANT_MIN_M`` the dense path (dequantize, then cuBLAS), the rest the tiled
-GEMM. A trits layout has only its GEMV and the dense path.
+words; TQ1_0's stored form has its own, ``cpmkit.kernels.trits``), ``M >= DEQUANT_MIN_M`` the dense path
+(dequantize, then cuBLAS), the rest the tiled tensor-core GEMM with split-K. The split-K GEMV is only an
+autotune candidate: compiled for sm_90 at M = 8 it takes 22-28 instructions per weight and 14-20 barriers a K
+step, the GEMM with 16-row tiles 8-14 and 2-6 (``bench/kernels_static.py``). A trits layout has only its GEMV and
+the dense path.
 A :class:`TuneCache` entry measured for the same layout, shape bucket and dtype overrides both the
 strategy and the tiles, so the crossover is measured per format and shape where a cache exists. Configs
 are always explicit arguments: nothing is read at import and no state is global; a cache is an object
@@ -40,7 +42,6 @@ from cpmkit.kernels.layout import PackedWeight
 from cpmkit.kernels.timing import device_ms
 from cpmkit.kernels.trits import trits_gemv
 
-GEMV_MAX_M = 8
 # From where the dense path is the default: an estimate for an H100 (MiniCPM4-8B's 4096 x 4096 at M = 1024: the
 # bf16 matmul about 50 us, the decode's pass over the weights about 12 us; the tiled GEMM measured 0.33-0.57x
 # BF16 at M = 256). An autotune cache replaces it with a measurement.
@@ -88,9 +89,7 @@ def choose_strategy(m: int, w: PackedWeight) -> Strategy:
     """The default strategy for ``m`` rows against ``w`` (whose layout decides which kernels can run it)."""
     if runs(Strategy.STREAM, w, m):
         return Strategy.STREAM
-    if w.layout.trits or m >= DEQUANT_MIN_M:
-        return Strategy.DEQUANT
-    return Strategy.GEMV if m <= GEMV_MAX_M else Strategy.GEMM
+    return Strategy.DEQUANT if w.layout.trits or m >= DEQUANT_MIN_M else Strategy.GEMM
 
 
 def _pow2_floor(v: int) -> int:
