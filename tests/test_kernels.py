@@ -83,6 +83,13 @@ def test_kernel_matches_independent_decoder(case, strategy, m, dtype):
     assert_within(y, x.float() @ oracle.T, *TOLERANCES[strategy, dtype])
 
 
+def test_trits_gemv_takes_sixteen_rows_four_at_a_time():
+    linear, oracle = make_linear(TRITS_CASE)
+    x = torch.randn(11, K, generator=torch.Generator().manual_seed(15))
+    y = run(Strategy.STREAM, x.to(DEVICE), linear.to(DEVICE).packed(), STREAM_TILES).cpu()
+    assert_within(y, x @ oracle.T, *TOLERANCES[Strategy.STREAM, torch.float32])
+
+
 def test_trits_layout_is_tq1_0_as_stored():
     raw, oracle = gguf_weight(QType.TQ1_0)
     w = make_linear(TRITS_CASE)[0].packed()
@@ -191,7 +198,7 @@ def test_dispatch_rule():
     assert [choose_strategy(m, w) for m in (1, 4, 5, 8, DEQUANT_MIN_M - 1, DEQUANT_MIN_M)] == [
         Strategy.STREAM, Strategy.STREAM, Strategy.GEMM, Strategy.GEMM, Strategy.GEMM, Strategy.DEQUANT]
     trits = make_linear("gguf-TQ1_0")[0].packed()
-    assert [choose_strategy(m, trits) for m in (1, 4, 5, 17)] == [Strategy.STREAM] * 2 + [Strategy.DEQUANT] * 2
+    assert [choose_strategy(m, trits) for m in (1, 4, 5, 16, 17)] == [Strategy.STREAM] * 4 + [Strategy.DEQUANT]
 
 
 @pytest.mark.parametrize("m", [1, 2, 4])

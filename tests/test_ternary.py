@@ -268,3 +268,11 @@ def test_bitnet_weight_kernel_matches_its_dequantization():
     got = QuantLinear(fmt, buffers, backend=Backend.TRITON)(x)
     assert QuantLinear(fmt, buffers, backend=Backend.TRITON).packed().layout.channel
     assert torch.allclose(got, x @ expected.T, rtol=1e-4, atol=1e-4)
+
+
+def test_bitnet_rows_read_alone_match_the_whole():
+    codes = torch.randint(0, 3, (10, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(6))
+    packed = bitnet.pack_rows(codes)
+    assert packed.shape == (3, 8) and torch.equal(bitnet.unpack_rows(packed, 10), codes)
+    for start, stop in ((0, 10), (2, 7), (9, 10)):
+        assert torch.equal(bitnet.unpack_row_range(packed, 10, start, stop), codes[start:stop])

@@ -41,9 +41,19 @@ def unpack_rows(packed: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat(bands)[:n]
 
 
-def dequantize(packed: torch.Tensor, scale: torch.Tensor, n: int, linear_class: str = "autobitlinear"):
-    """float32 ``[n, K]``: ``t * s`` (autobitlinear; exactly the stored values) or ``t / s`` (bitlinear)."""
-    trits = unpack_rows(packed, n).float() - 1
+def unpack_row_range(packed: torch.Tensor, n: int, start: int, stop: int) -> torch.Tensor:
+    """uint8 codes of rows ``[start, stop)`` of an ``n``-row weight, reading only those rows' bands."""
+    rows = torch.arange(start, min(stop, n), device=packed.device)
+    bands = -(-n // BANDS)
+    return (packed[rows % bands] >> (2 * (rows // bands)).to(torch.uint8)[:, None]) & 3
+
+
+def dequantize(packed: torch.Tensor, scale: torch.Tensor, n: int, linear_class: str = "autobitlinear",
+               rows: tuple[int, int] | None = None):
+    """float32 ``[n, K]`` (or rows ``[start, stop)``): ``t * s`` (autobitlinear; exactly the stored values) or
+    ``t / s`` (bitlinear)."""
+    codes = unpack_rows(packed, n) if rows is None else unpack_row_range(packed, n, *rows)
+    trits = codes.float() - 1
     return trits * scale.float() if LINEAR_CLASSES[linear_class] == "multiply" else trits / scale.float()
 
 

@@ -40,7 +40,7 @@ from cpmkit.kernels.gemv_stream import (
 )
 from cpmkit.kernels.layout import PackedWeight
 from cpmkit.kernels.timing import device_ms
-from cpmkit.kernels.trits import trits_gemv
+from cpmkit.kernels.trits import TRITS_MAX_M, trits_gemv
 
 # From where the dense path is the default: an estimate for an H100 (MiniCPM4-8B's 4096 x 4096 at M = 1024: the
 # bf16 matmul about 50 us, the decode's pass over the weights about 12 us; the tiled GEMM measured 0.33-0.57x
@@ -79,7 +79,7 @@ _RUNNERS: dict[Strategy, tuple[Callable[[torch.Tensor, PackedWeight, Config], to
 def runs(strategy: Strategy, w: PackedWeight, m: int) -> bool:
     """Whether ``strategy`` can run ``m`` rows against ``w`` (its kernel decodes the layout and holds M rows)."""
     if strategy == Strategy.STREAM:
-        return m <= STREAM_MAX_M and (w.layout.trits or supports(w))
+        return m <= TRITS_MAX_M if w.layout.trits else m <= STREAM_MAX_M and supports(w)
     if strategy == Strategy.DEQUANT:
         return True
     return not w.layout.trits and (strategy == Strategy.GEMM or m <= GEMV_KERNEL_MAX_M)
@@ -134,10 +134,13 @@ def candidate_configs(strategy: Strategy, m: int, n: int, k: int, w: PackedWeigh
     out: list[Config] = []
     if strategy == Strategy.STREAM:
         assert w is not None
-        chunks = k_steps(w.layout, k, triton.next_power_of_2(m))
-        return [StreamConfig(warps, split, stages) for warps in (1, 2, 4) for split in (1, 2, 4, 8, 16, 32)
-                for stages in (1, 3) if split <= chunks]
+        chunks = k_steps(w.layout, k, triton.next_power_of_2(min(m, STREAM_MAX_M)))
+        stages = (1,) if w.layout.trits else (1, 3)  # the trits GEMV's loop is not pipelined
+        return [StreamConfig(warps, split, stage) for warps in (1, 2, 4) for split in (1, 2, 4, 8, 16, 32)
+                for stage in stages if split <= chunks]
     if strategy == Strategy.DEQUANT:
+        if w is not None and w.layout.trits:  # one TQ1_0 block a program: the tiles are fixed
+            return [DequantConfig()]
         return [DequantConfig(block_k, block_n, warps) for block_k in (32, 64) for block_n in (64, 128, 256)
                 for warps in (4, 8)]
     if strategy == Strategy.GEMV:

@@ -273,6 +273,7 @@ def stream_kernel(
         _store(out_ptr, ws_ptr, acc2, 2, M, N, offs_n, mask_n, pid_k, SPLIT_K)
         _store(out_ptr, ws_ptr, acc3, 3, M, N, offs_n, mask_n, pid_k, SPLIT_K)
     if SPLIT_K > 1:
+        tl.debug_barrier()  # every warp's slice is stored before one thread announces it
         arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:  # the last split: sum every slice, in split order
             _reduce_splits(out_ptr, ws_ptr, 0, M, N, offs_n, mask_n, SPLIT_K)
@@ -296,7 +297,7 @@ def stream_gemv(x: torch.Tensor, w: PackedWeight, cfg: StreamConfig) -> torch.Te
     blocks = triton.cdiv(w.n, cfg.block_n)
     out = torch.empty((m, w.n), dtype=x.dtype, device=x.device)
     ws = torch.empty((cfg.split_k, m, w.n), dtype=torch.float32, device=x.device) if cfg.split_k > 1 else out
-    counters = COUNTERS.get(x.device, blocks)
+    counters = COUNTERS.get(x.device, blocks) if cfg.split_k > 1 else out  # unread without split-K
     pairs = x.dtype == torch.bfloat16 and x.stride(0) % 2 == 0 and x.storage_offset() % 2 == 0
     stream_kernel[(blocks, cfg.split_k)](
         x.view(torch.int32) if pairs else x, out, ws, counters, m, w.n, k, x.stride(0) // 2 if pairs else x.stride(0),

@@ -101,9 +101,10 @@ class QuantLinear(nn.Module):
         # derived from the buffers, each with the _source_key() it was built from
         self._packed: tuple[tuple, PackedWeight] | None = None
         self._dequantized: tuple[tuple, torch.Tensor] | None = None
-        # this linear's weights beside those of linears on the same input (fused_forward), and its plans
-        self._fused: tuple[tuple, PackedWeight | None] | None = None
-        self._fused_plans: dict = {}
+        # this linear's weights beside those of linears on the same input (fused_forward), by partners, and their
+        # plans
+        self._fused: dict[tuple[int, ...], tuple[tuple, PackedWeight | None]] = {}
+        self._fused_plans: dict[tuple[int, ...], dict] = {}
 
     @property
     def tune(self):
@@ -112,7 +113,7 @@ class QuantLinear(nn.Module):
     @tune.setter
     def tune(self, cache) -> None:
         self._tune = cache
-        self._plans = {}
+        self._plans, self._fused_plans = {}, {}
 
     def _source(self) -> list[torch.Tensor]:
         return [getattr(self, b) for b in self.fmt.buffer_names]
@@ -148,20 +149,24 @@ class QuantLinear(nn.Module):
 
     def clear_cache(self) -> None:
         """Drop the repacked and dequantized copies (the buffers themselves stay)."""
-        self._packed = self._dequantized = self._fused = None
-        self._plans, self._fused_plans = {}, {}
+        self._packed = self._dequantized = None
+        self._plans, self._fused, self._fused_plans = {}, {}, {}
 
-    def fused_with(self, others: tuple[QuantLinear, ...]) -> PackedWeight | None:
-        """This linear's kernel weight side by side with ``others``' (None when their layouts differ), built once
-        for the buffers as they are; the separate packed copies are dropped once joined."""
-        key = tuple((id(m), *m._source_key()) for m in (self, *others))
-        if self._fused is None or self._fused[0] != key:
+    def fused_with(self, others: tuple[QuantLinear, ...]) -> tuple[PackedWeight | None, dict]:
+        """(This linear's kernel weight side by side with ``others``', None when their layouts differ; the plans
+        for it), built once for the buffers as they are. The separate packed copies are dropped once joined; a
+        linear also called alone packs its own again (both copies then stay until ``clear_cache``)."""
+        partners = tuple(id(m) for m in others)
+        key = tuple(m._source_key() for m in (self, *others))
+        have = self._fused.get(partners)
+        if have is None or have[0] != key:
             joined = concat_outputs([m.packed() for m in (self, *others)])
             if joined is not None:
                 for m in (self, *others):
                     m._packed = None
-            self._fused, self._fused_plans = (key, joined), {}
-        return self._fused[1]
+            have = self._fused[partners] = (key, joined)
+            self._fused_plans[partners] = {}
+        return have[1], self._fused_plans[partners]
 
     def _torch_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` in float32: with ``cache_dequantized``, over the kept float32 weight; otherwise a row
@@ -204,10 +209,10 @@ def fused_forward(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
     if not all(isinstance(m, QuantLinear) and m._use_triton(x) and not (m._forward_hooks or m._forward_pre_hooks)
                and m.in_features == first.in_features for m in linears):
         return [m(x) for m in linears]
-    joined = first.fused_with(linears[1:])
+    joined, plans = first.fused_with(linears[1:])
     if joined is None or x.shape[-1] != first.in_features:
         return [m(x) for m in linears]
     from cpmkit.kernels.dispatch import quant_matmul
 
-    outs = quant_matmul(x, joined, first.tune, first._fused_plans).split([m.out_features for m in linears], dim=-1)
+    outs = quant_matmul(x, joined, first.tune, plans).split([m.out_features for m in linears], dim=-1)
     return [y if m.bias is None else y + m.bias.to(y.dtype) for y, m in zip(outs, linears)]

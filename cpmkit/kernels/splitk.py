@@ -13,17 +13,17 @@ import triton.language as tl
 
 class Counters:
     """One zeroed int32 arrival counter per output tile, per device; each kernel leaves them zero again.
-    Calls that overlap (two CUDA streams) would share them, so split-K kernels are for one stream at a time."""
+    Calls that overlap (two CUDA streams) would share them, so split-K kernels are for one stream at a time.
+    A larger set replaces a smaller one without freeing it: a CUDA graph captured earlier keeps its pointer."""
 
     def __init__(self):
-        self._by_device: dict[torch.device, torch.Tensor] = {}
+        self._by_device: dict[torch.device, list[torch.Tensor]] = {}
 
     def get(self, device: torch.device, n: int) -> torch.Tensor:
-        have = self._by_device.get(device)
-        if have is None or have.numel() < n:
-            have = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-            self._by_device[device] = have
-        return have
+        held = self._by_device.setdefault(device, [])
+        if not held or held[-1].numel() < n:
+            held.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
+        return held[-1]
 
 
 COUNTERS = Counters()
@@ -39,6 +39,9 @@ def store_tile(out_ptr, ws_ptr, count_ptr, acc, offs_m, offs_n, M, N, tile, pid_
         tl.store(out_ptr + here, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(ws_ptr + pid_k * M * N + here, acc, mask=mask)
+        # every warp's slice is written before one thread announces it (the atomic's release covers its own
+        # thread; the barrier orders the others' stores before it)
+        tl.debug_barrier()
         arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             total = tl.zeros(acc.shape, dtype=tl.float32)
@@ -51,5 +54,7 @@ def store_tile(out_ptr, ws_ptr, count_ptr, acc, offs_m, offs_n, M, N, tile, pid_
 def outputs(x: torch.Tensor, n: int, split_k: int, tiles: int):
     """(out ``[M, N]`` in x's dtype, the float32 slices (out itself without split-K), the counters)."""
     out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-    ws = torch.empty((split_k, x.shape[0], n), dtype=torch.float32, device=x.device) if split_k > 1 else out
+    if split_k == 1:
+        return out, out, out  # the kernel reads neither
+    ws = torch.empty((split_k, x.shape[0], n), dtype=torch.float32, device=x.device)
     return out, ws, COUNTERS.get(x.device, tiles)

@@ -31,6 +31,8 @@ from cpmkit.kernels.gemv_stream import (
 from cpmkit.kernels.layout import TRIT_BLOCK, TRIT_WORDS, PackedWeight
 from cpmkit.kernels.splitk import COUNTERS
 
+TRITS_MAX_M = 16  # rows the trits GEMV takes, MAX_M per launch; the dense path above
+
 BYTE_LANES = 0x00FF00FF  # bytes 0 and 2 of a word, each alone in a 16-bit lane
 TRIT_FIELD = 3 << 21  # where a trit sits in the float 1 + t / 4
 
@@ -180,6 +182,7 @@ def trits_kernel(
         _store(out_ptr, ws_ptr, acc2, 2, M, N, offs_n, mask_n, pid_k, SPLIT_K)
         _store(out_ptr, ws_ptr, acc3, 3, M, N, offs_n, mask_n, pid_k, SPLIT_K)
     if SPLIT_K > 1:
+        tl.debug_barrier()  # every warp's slice is stored before one thread announces it
         arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:  # the last split: sum every slice, in split order
             _reduce_splits(out_ptr, ws_ptr, 0, M, N, offs_n, mask_n, SPLIT_K)
@@ -192,21 +195,29 @@ def trits_kernel(
 
 
 def trits_gemv(x: torch.Tensor, w: PackedWeight, cfg: StreamConfig) -> torch.Tensor:
-    """``x [M, K]`` (M <= MAX_M, K-contiguous rows) times ``dequant(w).T`` for a trits layout -> ``[M, N]``
-    in x's dtype."""
+    """``x [M, K]`` (M <= TRITS_MAX_M, K-contiguous rows) times ``dequant(w).T`` for a trits layout -> ``[M, N]``
+    in x's dtype; more than MAX_M rows run MAX_M at a time (each launch reads the 1.69-bit weight again, still
+    far less than the dense path's bf16 copy)."""
     m, k = x.shape
-    assert w.layout.trits and m <= MAX_M and k == w.k and x.stride(1) == 1, (x.shape, w.k, w.layout)
-    blocks = triton.cdiv(w.n, cfg.block_n)
+    assert w.layout.trits and m <= TRITS_MAX_M and k == w.k and x.stride(1) == 1, (x.shape, w.k, w.layout)
     out = torch.empty((m, w.n), dtype=x.dtype, device=x.device)
+    for start in range(0, m, MAX_M):
+        _launch(x[start : start + MAX_M], w, cfg, out[start : start + MAX_M])
+    return out
+
+
+def _launch(x: torch.Tensor, w: PackedWeight, cfg: StreamConfig, out: torch.Tensor) -> None:
+    m, k = x.shape
+    blocks = triton.cdiv(w.n, cfg.block_n)
     ws = torch.empty((cfg.split_k, m, w.n), dtype=torch.float32, device=x.device) if cfg.split_k > 1 else out
+    counters = COUNTERS.get(x.device, blocks) if cfg.split_k > 1 else out  # unread without split-K
     pairs = x.dtype == torch.bfloat16 and x.stride(0) % 2 == 0 and x.storage_offset() % 2 == 0
     trits_kernel[(blocks, cfg.split_k)](
-        x.view(torch.int32) if pairs else x, out, ws, COUNTERS.get(x.device, blocks), m, w.n, k,
+        x.view(torch.int32) if pairs else x, out, ws, counters, m, w.n, k,
         x.stride(0) // 2 if pairs else x.stride(0), w.lo, w.hi, w.d, BYTE_LANES, TRIT_FIELD,
         triton.next_power_of_2(m), cfg.block_n, cfg.split_k, pairs,
         num_warps=cfg.num_warps,
     )
-    return out
 
 
 @triton.jit

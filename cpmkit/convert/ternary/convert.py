@@ -67,6 +67,9 @@ def convert_to_ternary(ck: Checkpoint, out: Path, *, absmean_group: int | None =
                               "exactly")
     for name in names:
         n, k = ck.tensors[name].shape
+        if bitnet_layout and n % bitnet.BANDS:
+            raise CpmkitError(f"{ck.root}: {name} has {n} output features; transformers unpacks a BitNet weight "
+                              f"only when they are a multiple of {bitnet.BANDS}")
         if k % ternary.CODES_PER_BYTE or (group is not None and k % group):
             raise CpmkitError(f"{ck.root}: {name} has {k} input features, not a multiple of "
                               f"{group or ternary.CODES_PER_BYTE}")

@@ -105,7 +105,7 @@ class BitNetWeight:
         return bitnet.dequantize(packed, scale, self.shape[0], self.linear_class)
 
     def dequantize_rows(self, packed: torch.Tensor, scale: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        return self.dequantize(packed, scale)[start:stop]
+        return bitnet.dequantize(packed, scale, self.shape[0], self.linear_class, rows=(start, stop))
 
     def pack(self, packed: torch.Tensor, scale: torch.Tensor, name: str) -> PackedWeight:
         n, k = self.shape
