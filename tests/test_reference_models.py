@@ -16,6 +16,7 @@ from torch import nn
 
 from cpmkit.errors import CpmkitError
 from cpmkit.models import KVCache, build_model
+from cpmkit.models.layers import StaticKVCache
 from cpmkit.spec import read_spec
 from cpmkit.testing.twins import granite_kwargs, hf_rope_parameters
 
@@ -257,6 +258,28 @@ def test_decode_with_cache_equals_full_forward(config):
         steps = [model(ids[:, :7], cache)] + [model(ids[:, t:t + 1], cache) for t in range(7, 14)]
     assert cache.length == 14
     assert max_delta(torch.cat(steps, dim=1), full) <= TOL
+
+
+@pytest.mark.parametrize("config", FAMILY_CONFIGS, ids=FAMILY_IDS)
+def test_static_cache_and_its_decode_loop_equal_the_growing_cache(config):
+    """The fixed-shape cache a CUDA graph captures (masked attention over the whole buffer) gives the growing
+    cache's logits; verify's static decode loop, run eagerly, generates the growing cache's tokens."""
+    from cpmkit.verify.speed import static_decode
+
+    weights, ids = random_weights(config), token_ids(config, 14)
+    model = ours(config, weights)
+    with torch.no_grad():
+        growing, static = KVCache(), StaticKVCache(16, ids.device)
+        expected = [model(ids[:, :7], growing)] + [model(ids[:, t:t + 1], growing) for t in range(7, 14)]
+        got = [model(ids[:, :7], static)] + [model(ids[:, t:t + 1], static) for t in range(7, 14)]
+        assert static.length == 14 and int(static.position) == 14
+        assert max_delta(torch.cat(got, dim=1), torch.cat(expected, dim=1)) <= TOL
+        cache, tokens, prompt = KVCache(), [], ids[:1, :7]  # verify decodes one sequence
+        next_id = model(prompt, cache)[:, -1:].argmax(-1)
+        for _ in range(5):
+            next_id = model(next_id, cache)[:, -1:].argmax(-1)
+            tokens.append(int(next_id))
+    assert static_decode(model, prompt, 5, use_graph=False)[1] == tokens
 
 
 # --- the model contract --------------------------------------------------------------------------------

@@ -119,7 +119,7 @@ class CausalLM(nn.Module):
         cos, sin = self.rope(offset, input_ids.shape[1], input_ids.device)
         h = self.model(input_ids, cos, sin, cache)
         if cache is not None:
-            cache.length += input_ids.shape[1]
+            cache.advance(input_ids.shape[1])
         return self.head(h)
 
     def rope(self, offset: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

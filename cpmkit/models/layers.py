@@ -147,18 +147,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x32 * cos + rotated * sin).to(x.dtype)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale + causal mask) v with grouped KV heads.
 
     q [B, H, T, d], k [B, KV, S, d], v [B, KV, S, dv] with S >= T: the queries are the last T of the S
-    positions. Query head h reads KV head h // (H / KV), as transformers' ``repeat_kv``. Returns [B, T, H*dv].
+    positions, unless ``mask`` (bool [T, S], True where a query sees a key; a static cache's) says which keys
+    each sees. Query head h reads KV head h // (H / KV), as transformers' ``repeat_kv``. Returns [B, T, H*dv].
     """
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     t, s = q.shape[2], k.shape[2]
-    if t == s or t == 1:  # no cache, or one new token that sees everything: no mask tensor needed
+    if mask is not None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    elif t == s or t == 1:  # no cache, or one new token that sees everything: no mask tensor needed
         out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=scale)  # [B, H, T, dv]
     else:
         mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
@@ -185,6 +189,44 @@ class KVCache:
         self._keys[layer], self._values[layer] = k, v
         return k, v
 
+    def mask(self, t: int) -> None:
+        """The attention mask for ``t`` new queries: none, the keys returned are exactly those seen so far."""
+        return None
+
+    def advance(self, t: int) -> None:
+        self.length += t
+
+
+class StaticKVCache(KVCache):
+    """Keys and values in buffers of ``max_length`` positions, written where ``position`` (a device tensor, equal
+    to ``length``) says: no shape changes from one decoding step to the next, so a step can be captured as a
+    CUDA graph and replayed (``cpmkit.verify.speed``). Attention reads the whole buffer through :meth:`mask`."""
+
+    def __init__(self, max_length: int, device: torch.device) -> None:
+        super().__init__()
+        self.max_length = max_length
+        self.position = torch.zeros((), dtype=torch.long, device=device)
+        self._slots = torch.arange(max_length, device=device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer not in self._keys:
+            self._keys[layer] = k.new_zeros((*k.shape[:2], self.max_length, k.shape[3]))
+            self._values[layer] = v.new_zeros((*v.shape[:2], self.max_length, v.shape[3]))
+        where = self.position + self._slots[: k.shape[2]]
+        self._keys[layer].index_copy_(2, where, k)
+        self._values[layer].index_copy_(2, where, v)
+        return self._keys[layer], self._values[layer]
+
+    def mask(self, t: int) -> torch.Tensor:
+        """bool [t, max_length]: query i, at ``position + i``, sees the keys at positions up to its own."""
+        return self._slots[None, :] <= (self.position + self._slots[:t])[:, None]
+
+    def advance(self, t: int) -> None:
+        if self.length + t > self.max_length:
+            raise ValueError(f"static KV cache of {self.max_length} positions is full")
+        self.length += t
+        self.position.fill_(self.length)
+
 
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads and RoPE on the whole head (MiniCPM 1/2/4, MiniCPM5)."""
@@ -204,9 +246,11 @@ class Attention(nn.Module):
         k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask = None
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        return self.o_proj(causal_attention(q, k, v, self.head_dim**-0.5))
+            mask = cache.mask(t)
+        return self.o_proj(causal_attention(q, k, v, self.head_dim**-0.5, mask))
 
 
 def dense_attention(spec: ModelSpec, layer: int, linear: Linear) -> Attention:

@@ -54,9 +54,11 @@ class MLAttention(nn.Module):
         q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, cos, sin)
         q = torch.cat((q_nope, q_rope), dim=-1)
         k = torch.cat((k_nope, k_rope.expand(b, self.heads, t, m.qk_rope_head_dim)), dim=-1)
+        mask = None
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        return self.o_proj(causal_attention(q, k, v, m.qk_head_dim**-0.5))
+            mask = cache.mask(t)
+        return self.o_proj(causal_attention(q, k, v, m.qk_head_dim**-0.5, mask))
 
 
 class Model(CausalLM):
