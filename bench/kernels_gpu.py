@@ -4,7 +4,7 @@
 
 For each format, each linear shape of MiniCPM4-8B (q 4096x4096, k/v 256x4096, gate/up 16384x4096,
 down 4096x16384) and MiniCPM5-1B (q 2048x1536, k/v 256x1536, o 1536x2048, gate/up 4608x1536, down
-1536x4608) and each batch M in 1, 16, 64, 256 it prints: the BF16 matmul time, the quantized kernel's
+1536x4608), and the joined shapes the models run (q+k+v and gate+up side by side: ``kernels.linear.fused_forward``) and each batch M in 1, 16, 64, 256 it prints: the BF16 matmul time, the quantized kernel's
 time, the speedup, the achieved GB/s (weight + activation + output bytes over time) and its fraction of
 the measured device-to-device copy bandwidth (the practical HBM roofline), and the strategy and tiles.
 Tiles are autotuned once per (layout, shape, M bucket, dtype) and cached in the ``--tune-cache`` JSON
@@ -43,9 +43,10 @@ from pathlib import Path
 import torch
 
 SHAPES = {  # model -> [(layer, N, K)]
-    "minicpm4-8b": [("q/o", 4096, 4096), ("k/v", 256, 4096), ("gate/up", 16384, 4096), ("down", 4096, 16384)],
+    "minicpm4-8b": [("q/o", 4096, 4096), ("k/v", 256, 4096), ("gate/up", 16384, 4096), ("down", 4096, 16384),
+                    ("q+k+v fused", 4608, 4096), ("gate+up fused", 32768, 4096)],
     "minicpm5-1b": [("q", 2048, 1536), ("k/v", 256, 1536), ("o", 1536, 2048), ("gate/up", 4608, 1536),
-                    ("down", 1536, 4608)],
+                    ("down", 1536, 4608), ("q+k+v fused", 2560, 1536), ("gate+up fused", 9216, 1536)],
 }
 GGUF_FORMATS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "TQ1_0", "TQ2_0")
 MLX_FORMATS = {f"mlx{b}g{g}": (b, g) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)}

@@ -64,13 +64,11 @@ def score_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def report_device(device: torch.device, note: str) -> Device:
-    """The report's device; on CPU the name says how the torch path ran (the kernel path alone cannot), on CUDA
-    the activations' dtype."""
+def report_device(device: torch.device, cpu_note: str, cuda_note: str) -> Device:
+    """The report's device, its name followed by how the models ran there (the kernel path alone cannot say)."""
     if device.type == "cuda":
-        return Device(DeviceType.CUDA, f"{device_name(device)}; bf16 activations, float32 accumulation",
-                      KernelPath.TRITON)
-    return Device(DeviceType.CPU, f"{device_name(device)}; {note}", KernelPath.TORCH)
+        return Device(DeviceType.CUDA, f"{device_name(device)}; {cuda_note}", KernelPath.TRITON)
+    return Device(DeviceType.CPU, f"{device_name(device)}; {cpu_note}", KernelPath.TORCH)
 
 
 def weights_sha256(ck: Checkpoint) -> str:
