@@ -156,3 +156,32 @@ def test_fused_projections_run_as_one_launch(monkeypatch):
     fused_forward(x, q, k)
     assert launches == [N, 8]
     handle.remove()
+
+
+@pytest.mark.parametrize("variant", ["minicpm4-0.5b", "minicpm3"])
+def test_a_model_on_the_kernels_runs_joined_projections(variant, tmp_path, monkeypatch):
+    """A whole artifact on the Triton path (q/k/v, gate/up and MiniCPM3's q_a/kv_a joined) gives the torch
+    path's logits."""
+    import cpmkit.kernels.dispatch as dispatch
+    from cpmkit.checkpoint import Checkpoint
+    from cpmkit.convert.plugin import ConvertContext, LoadOptions, parse_target
+    from cpmkit.convert.registry import FORMATS
+    from cpmkit.testing import build_checkpoint
+
+    ck = Checkpoint.open(build_checkpoint(tmp_path / "ck", variant))
+    target = parse_target("mlx:4bit-g32")
+    out = FORMATS["mlx"].convert(ck, target, tmp_path / "mlx", ConvertContext())
+    widths = []
+    real = dispatch.quant_matmul
+    monkeypatch.setattr(dispatch, "quant_matmul", lambda x, w, *a: widths.append(w.n) or real(x, w, *a))
+    ids = torch.randint(0, ck.spec.vocab_size, (1, 5), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        kernels = FORMATS["mlx"].open(out, ck.spec, LoadOptions(backend="triton")).load()(ids)
+        reference = FORMATS["mlx"].open(out, ck.spec, LoadOptions(backend="torch")).load()(ids)
+    torch.testing.assert_close(kernels, reference, rtol=1e-3, atol=1e-3)
+    spec = ck.spec
+    assert 2 * spec.intermediate_size in widths, "gate and up ran as one launch"
+    if spec.mla is None:
+        assert (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim in widths, "q, k and v ran as one launch"
+    else:
+        assert spec.mla.q_lora_rank + spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim in widths

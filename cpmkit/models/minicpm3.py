@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cpmkit.kernels.linear import fused_forward
 from cpmkit.models.causal_lm import CausalLM, Scales
 from cpmkit.models.layers import (
     GatedMLP,
@@ -43,10 +44,11 @@ class MLAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         b, t, _ = x.shape
         m = self.mla
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))).view(b, t, self.heads, m.qk_head_dim).transpose(1, 2)
+        q_a, kv_a = fused_forward(x, self.q_a_proj, self.kv_a_proj_with_mqa)  # both read x
+        q = self.q_b_proj(self.q_a_layernorm(q_a)).view(b, t, self.heads, m.qk_head_dim).transpose(1, 2)
         q_nope, q_rope = q.split([m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)
 
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+        latent, k_rope = kv_a.split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(b, t, self.heads, m.qk_nope_head_dim + m.v_head_dim)
         k_nope, v = kv.transpose(1, 2).split([m.qk_nope_head_dim, m.v_head_dim], dim=-1)
         k_rope = k_rope.view(b, 1, t, m.qk_rope_head_dim)  # one rotary key shared by all heads
