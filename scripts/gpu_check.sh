@@ -8,7 +8,8 @@ OUT="${OUT:-/tmp/gpu-check}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 timeout 240 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_linear.py \
-    tests/test_ternary.py -k "kernel or stream or split" > "$OUT/tests.txt" 2>&1
+    tests/test_ternary.py tests/test_reference_models.py -k "kernel or stream or split or trits or joined or graph" \
+    > "$OUT/tests.txt" 2>&1
 echo "tests exit $?" >> "$OUT/tests.txt"
 timeout 300 python bench/kernels_gpu.py --tune-cache "$OUT/tune.json" --models minicpm4-8b --batches 1,4,16,1024 \
     --formats Q4_K,Q8_0,Q6_K,mlx4g64,TQ2_0,TQ1_0 > "$OUT/kernels_gpu.md" 2>&1

@@ -385,3 +385,13 @@ def test_gradients_reach_every_parameter():
     unrouted = [n for n, p in model.named_parameters() if p.grad is None]
     assert all(".experts." in n for n in unrouted)
     assert model.model.embed_tokens.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (scripts/gpu_check.sh runs this)")
+@pytest.mark.parametrize("config", FAMILY_CONFIGS, ids=FAMILY_IDS)
+def test_cuda_graph_decode_generates_the_eager_tokens(config):
+    from cpmkit.verify.speed import static_decode
+
+    model = ours(config, random_weights(config)).cuda()
+    prompt = token_ids(config, 7)[:1].cuda()
+    assert static_decode(model, prompt, 6, use_graph=True)[1] == static_decode(model, prompt, 6, use_graph=False)[1]
