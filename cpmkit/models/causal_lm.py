@@ -130,10 +130,14 @@ class CausalLM(nn.Module):
         """The first hidden state, [B, T, H] in the activations' dtype."""
         return self.model.embed_tokens(input_ids) * self.model.embedding_scale
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        """float32 logits from the last block's output ``h`` [..., H] (final norm, logit divisor, lm_head), all in
-        float32 whatever the activations' dtype: bf16 logits would round values near 20 to steps of 0.125."""
-        return self.lm_head(self.model.norm(h.float()) / self.logit_divisor).float()
+    def head(self, h: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        """float32 logits from the last block's output ``h`` [..., H] (final norm, logit divisor, lm_head). In the
+        activations' dtype, then widened, as a deployment forms them (vLLM: bf16 logits, upcast for sampling); with
+        ``exact``, in float32 whatever the activations' dtype, for scoring: bf16 logits near 20 are rounded to
+        steps of 0.125."""
+        if exact:
+            h = h.float()
+        return self.lm_head(self.model.norm(h) / self.logit_divisor).float()
 
     def linear_names(self) -> list[str]:
         """HF names (without ".weight") of every linear made through the factory, lm_head included (when

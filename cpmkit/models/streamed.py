@@ -188,7 +188,7 @@ class StreamedRunner:
             head = self._load(model, parts[-1][1])
             with torch.no_grad():
                 for i in range(len(store)):
-                    yield model.head(store.get(i)[:, positions])
+                    yield model.head(store.get(i)[:, positions], exact=True)
             model.unload(head)
         finally:
             store.close()
