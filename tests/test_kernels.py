@@ -109,7 +109,7 @@ CHANNEL_LAYOUTS = {  # per-output-channel d (and m) applied after the K sum
 @pytest.mark.parametrize("name", CHANNEL_LAYOUTS)
 @pytest.mark.parametrize("strategy,m,dtype", [
     (Strategy.STREAM, 1, torch.bfloat16), (Strategy.STREAM, 3, torch.float32), (Strategy.GEMV, 3, torch.float32),
-    (Strategy.GEMM, 17, torch.bfloat16), (Strategy.GEMM, 17, torch.float32),
+    (Strategy.GEMM, 17, torch.bfloat16), (Strategy.GEMM, 17, torch.float32), (Strategy.DEQUANT, 17, torch.float32),
 ])
 def test_channel_scales_after_the_k_sum(name, strategy, m, dtype):
     lay = CHANNEL_LAYOUTS[name]
@@ -123,7 +123,7 @@ def test_channel_scales_after_the_k_sum(name, strategy, m, dtype):
     x = torch.randn(m, K, generator=gen).to(dtype)
     y = RUNS[strategy](x.to(DEVICE), w).cpu()
     # the MMA operand is q - zero itself (exact in bf16): no weight rounding, unlike grouped layouts
-    rtol, atol = TOLERANCES[strategy, dtype] if strategy != Strategy.GEMM else (2**-7, 1e-4)
+    rtol, atol = (2**-7, 1e-4) if strategy == Strategy.GEMM else TOLERANCES[strategy, dtype]
     assert_within(y, x.float() @ oracle.T, rtol, atol)
 
 
