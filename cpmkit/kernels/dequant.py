@@ -51,20 +51,18 @@ def dequant_kernel(
     tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask_n[None, :])
 
 
-def dequantize_t(w: PackedWeight, dtype: torch.dtype, cfg: DequantConfig = DequantConfig()) -> torch.Tensor:
-    """``dequant(w).T`` as a dense ``[K, N]`` tensor of ``dtype`` on w's device, decoded by the kernels."""
+def dequantize_t(w: PackedWeight, dtype: torch.dtype, cfg: DequantConfig) -> torch.Tensor:
+    """``dequant(w).T`` as a dense ``[K, N]`` tensor of ``dtype`` on w's device, decoded by the kernels
+    (``cfg.block_k`` divides K: the dispatcher's configs do)."""
     out = torch.empty((w.k, w.n), dtype=dtype, device=w.device)
     lay = w.layout
     if lay.trits:
         return trits_dequantize(w, out)
-    block_k = cfg.block_k
-    while w.k % block_k:
-        block_k //= 2
-    assert block_k >= 32, (w.k, cfg)
-    dequant_kernel[(w.k // block_k, triton.cdiv(w.n, cfg.block_n))](
+    assert w.k % cfg.block_k == 0 and cfg.block_k % 32 == 0, (w.k, cfg)
+    dequant_kernel[(w.k // cfg.block_k, triton.cdiv(w.n, cfg.block_n))](
         out, w.n, w.lo, w.hi, w.d, w.m, w.sub_d, w.sub_m,
         lay.lo_bits, lay.hi_bits, lay.zero, lay.block, lay.sub_block, lay.has_m, lay.channel,
-        block_k, cfg.block_n, num_warps=cfg.num_warps,
+        cfg.block_k, cfg.block_n, num_warps=cfg.num_warps,
     )
     return out
 

@@ -114,7 +114,7 @@ def default_config(strategy: Strategy, m: int, n: int, k: int, w: PackedWeight |
         assert w is not None
         return default_stream_config(n, k, w, GEMV_TARGET_PROGRAMS, m)
     if strategy == Strategy.DEQUANT:
-        return DequantConfig()
+        return DequantConfig(block_k=_block_k(k, 64))
     if strategy == Strategy.GEMV:
         # keep BLOCK_M * BLOCK_K * BLOCK_N (the product held in registers) at 16K elements
         block_n = 32 if n <= 1024 else 64
@@ -142,7 +142,7 @@ def candidate_configs(strategy: Strategy, m: int, n: int, k: int, w: PackedWeigh
         if w is not None and w.layout.trits:  # one TQ1_0 block a program: the tiles are fixed
             return [DequantConfig()]
         return [DequantConfig(block_k, block_n, warps) for block_k in (32, 64) for block_n in (64, 128, 256)
-                for warps in (4, 8)]
+                for warps in (4, 8) if k % block_k == 0]
     if strategy == Strategy.GEMV:
         bm = triton.next_power_of_2(m)
         for block_n in (32, 64, 128):
