@@ -35,12 +35,6 @@ def pack_rows(codes: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def unpack_rows(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """uint8 ``[ceil(n / 4), K]`` -> uint8 codes ``[n, K]``."""
-    bands = [(packed >> (2 * band)) & 3 for band in range(BANDS)]
-    return torch.cat(bands)[:n]
-
-
 def unpack_row_range(packed: torch.Tensor, n: int, start: int, stop: int) -> torch.Tensor:
     """uint8 codes of rows ``[start, stop)`` of an ``n``-row weight, reading only those rows' bands."""
     rows = torch.arange(start, min(stop, n), device=packed.device)
@@ -48,11 +42,16 @@ def unpack_row_range(packed: torch.Tensor, n: int, start: int, stop: int) -> tor
     return (packed[rows % bands] >> (2 * (rows // bands)).to(torch.uint8)[:, None]) & 3
 
 
+def unpack_rows(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """uint8 ``[ceil(n / 4), K]`` -> uint8 codes ``[n, K]``."""
+    return unpack_row_range(packed, n, 0, n)
+
+
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, n: int, linear_class: str = "autobitlinear",
                rows: tuple[int, int] | None = None):
     """float32 ``[n, K]`` (or rows ``[start, stop)``): ``t * s`` (autobitlinear; exactly the stored values) or
     ``t / s`` (bitlinear)."""
-    codes = unpack_rows(packed, n) if rows is None else unpack_row_range(packed, n, *rows)
+    codes = unpack_row_range(packed, n, *(rows or (0, n)))
     trits = codes.float() - 1
     return trits * scale.float() if LINEAR_CLASSES[linear_class] == "multiply" else trits / scale.float()
 

@@ -25,6 +25,18 @@ from cpmkit.kernels.layout import (
 BUFFERS = ("weight_packed", "weight_scale")
 
 
+def _check_stored(name: str, what: str, codes_key: str, codes: torch.Tensor, codes_shape: tuple[int, ...],
+                  scale: torch.Tensor, scale_shape: tuple[int, ...]) -> None:
+    """One CpmkitError line when the stored codes (uint8) or ``weight_scale`` (a float) do not have the shape or
+    dtype of ``what``."""
+    for key, tensor, shape in ((codes_key, codes, codes_shape), ("weight_scale", scale, scale_shape)):
+        if tuple(tensor.shape) != shape:
+            raise CpmkitError(f"{name}: {key} has shape {list(tensor.shape)}, but {what} needs {list(shape)}")
+    if codes.dtype != torch.uint8 or not scale.dtype.is_floating_point:
+        raise CpmkitError(f"{name}: {codes_key} must be uint8 and weight_scale a float (got {codes.dtype} and "
+                          f"{scale.dtype})")
+
+
 @dataclass(frozen=True)
 class TernaryPackWeight:
     shape: tuple[int, int]  # (N, K)
@@ -44,14 +56,8 @@ class TernaryPackWeight:
         if k % ternary.CODES_PER_BYTE or (self.group_size != -1 and k % self.group_size):
             raise CpmkitError(f"{name}: {k} input features do not split into groups of {self.group_size} and "
                               f"bytes of {ternary.CODES_PER_BYTE} codes")
-        for key, tensor, shape in (("weight_packed", packed, (n, k // ternary.CODES_PER_BYTE)),
-                                   ("weight_scale", scale, (n, self.groups))):
-            if tuple(tensor.shape) != shape:
-                raise CpmkitError(f"{name}: {key} has shape {list(tensor.shape)}, but a ternary {n}x{k} weight "
-                                  f"with group size {self.group_size} needs {list(shape)}")
-        if packed.dtype != torch.uint8 or not scale.dtype.is_floating_point:
-            raise CpmkitError(f"{name}: weight_packed must be uint8 and weight_scale a float "
-                              f"(got {packed.dtype} and {scale.dtype})")
+        _check_stored(name, f"a ternary {n}x{k} weight with group size {self.group_size}", "weight_packed", packed,
+                      (n, k // ternary.CODES_PER_BYTE), scale, (n, self.groups))
 
     def dequantize(self, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return ternary.dequantize(packed, scale).float()
@@ -93,13 +99,7 @@ class BitNetWeight:
 
     def check(self, packed: torch.Tensor, scale: torch.Tensor, name: str) -> None:
         n, k = self.shape
-        for key, tensor, shape in (("weight", packed, (-(-n // bitnet.BANDS), k)), ("weight_scale", scale, (1,))):
-            if tuple(tensor.shape) != shape:
-                raise CpmkitError(f"{name}: {key} has shape {list(tensor.shape)}, but a BitNet {n}x{k} weight "
-                                  f"needs {list(shape)}")
-        if packed.dtype != torch.uint8 or not scale.dtype.is_floating_point:
-            raise CpmkitError(f"{name}: a BitNet weight must be uint8 and weight_scale a float "
-                              f"(got {packed.dtype} and {scale.dtype})")
+        _check_stored(name, f"a BitNet {n}x{k} weight", "weight", packed, (-(-n // bitnet.BANDS), k), scale, (1,))
 
     def dequantize(self, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return bitnet.dequantize(packed, scale, self.shape[0], self.linear_class)
