@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from cpmkit.kernels import QuantLinear
-from cpmkit.models import CausalLM, KVCache
+from cpmkit.models import CausalLM
 from cpmkit.models.layers import StaticKVCache
 from cpmkit.models.source import ModelSource
 from cpmkit.models.streamed import loaded_parts
@@ -119,23 +119,9 @@ def tokens_per_s(tokens: int, timing: Timing) -> float:
 
 
 def decode_step_seconds(model: CausalLM, prompt: torch.Tensor, tokens: int) -> list[float]:
-    """Wall time of each of ``tokens`` greedy KV-cache decoding steps after ``prompt`` [1, P]: on CUDA each step
-    after the first replays one CUDA graph of the whole model (:func:`static_decode`), elsewhere it is an eager
-    forward with a growing cache."""
-    device = prompt.device
-    if device.type == "cuda":
-        return static_decode(model, prompt, tokens, use_graph=True)[0]
-    times = []
-    with torch.no_grad():
-        cache = KVCache()
-        next_id = model(prompt, cache)[:, -1:].argmax(-1)
-        _sync(device)
-        for _ in range(tokens):
-            t0 = time.perf_counter()
-            next_id = model(next_id, cache)[:, -1:].argmax(-1)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-    return times
+    """Wall time of each of ``tokens`` greedy KV-cache decoding steps after ``prompt`` [1, P]
+    (:func:`static_decode`: on CUDA each step after the first replays one CUDA graph of the whole model)."""
+    return static_decode(model, prompt, tokens, use_graph=prompt.device.type == "cuda")[0]
 
 
 def static_decode(model: CausalLM, prompt: torch.Tensor, tokens: int, *,
@@ -144,7 +130,7 @@ def static_decode(model: CausalLM, prompt: torch.Tensor, tokens: int, *,
     buffers and writes a :class:`StaticKVCache`: with ``use_graph`` (CUDA) the step is captured once as a CUDA
     graph after the first (eager, on a side stream: Triton compiles, packed weights and plans settle) and
     replayed, so a step costs device time rather than Python and launch overhead; without, the same step runs
-    eagerly, which is what the tests check on CPU. Returns each step's wall time and the tokens."""
+    eagerly (on CPU). Returns each step's wall time and the tokens."""
     device = prompt.device
     cache = StaticKVCache(prompt.shape[1] + tokens, device)
     times, out = [], []
