@@ -38,7 +38,7 @@ from cpmkit.kernels.gemv_stream import (
     stream_gemv,
     supports,
 )
-from cpmkit.kernels.layout import PackedWeight
+from cpmkit.kernels.layout import PackedWeight, pow2_divisor
 from cpmkit.kernels.timing import device_ms
 from cpmkit.kernels.trits import TRITS_MAX_M, trits_gemv
 
@@ -96,14 +96,6 @@ def _pow2_floor(v: int) -> int:
     return 1 << (max(v, 1).bit_length() - 1)
 
 
-def _block_k(k: int, largest: int) -> int:
-    """Largest power of two in [32, largest] dividing K (K is a multiple of 32 in every format)."""
-    b = largest
-    while b > 32 and k % b:
-        b //= 2
-    return b
-
-
 def _split_k(tiles: int, k_tiles: int, most: int, target: int = TARGET_PROGRAMS) -> int:
     return _pow2_floor(min(max(target // tiles, 1), k_tiles, most))
 
@@ -114,16 +106,16 @@ def default_config(strategy: Strategy, m: int, n: int, k: int, w: PackedWeight |
         assert w is not None
         return default_stream_config(n, k, w, GEMV_TARGET_PROGRAMS, m)
     if strategy == Strategy.DEQUANT:
-        return DequantConfig(block_k=_block_k(k, 64))
+        return DequantConfig(block_k=pow2_divisor(k, 64, 32))
     if strategy == Strategy.GEMV:
         # keep BLOCK_M * BLOCK_K * BLOCK_N (the product held in registers) at 16K elements
         block_n = 32 if n <= 1024 else 64
-        block_k = _block_k(k, max(32, 256 // triton.next_power_of_2(m)))
+        block_k = pow2_divisor(k, max(32, 256 // triton.next_power_of_2(m)), 32)
         split = _split_k(triton.cdiv(n, block_n), k // block_k, k // block_k, GEMV_TARGET_PROGRAMS)
         return GemvConfig(block_n=block_n, block_k=block_k, split_k=split)
     block_m = min(128, max(16, triton.next_power_of_2(m)))
     block_n = 128 if n >= 2048 and block_m >= 64 else 64
-    block_k = _block_k(k, 64)
+    block_k = pow2_divisor(k, 64, 32)
     split = _split_k(triton.cdiv(m, block_m) * triton.cdiv(n, block_n), k // block_k, 8)
     return GemmConfig(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split,
                       num_warps=8 if block_m * block_n >= 128 * 128 else 4)

@@ -211,16 +211,19 @@ def pack_affine(chunks, layout: AffineLayout, n: int, k: int, perm: torch.Tensor
 CHANNEL_BLOCK = 256
 
 
+def pow2_divisor(k: int, most: int, least: int = 1) -> int:
+    """The largest power of two in ``[least, most]`` that divides ``k`` (``least`` when none does)."""
+    block = most
+    while block > least and k % block:
+        block //= 2
+    return block
+
+
 def scale_block(group_size: int, k: int) -> int:
     """The layout's block for scales in groups of ``group_size`` (-1: one per row of ``k``): the group itself,
     or for a per-row scale (a ``channel`` layout) the largest power of two up to CHANNEL_BLOCK dividing K, which
     only bounds the kernels' K steps."""
-    if group_size != -1:
-        return group_size
-    block = CHANNEL_BLOCK
-    while k % block:
-        block //= 2
-    return block
+    return group_size if group_size != -1 else pow2_divisor(k, CHANNEL_BLOCK)
 
 
 def rows_per_chunk(k: int) -> int:
